@@ -1,0 +1,1 @@
+"""Backends for the fused step and the networks around it: torch, onnxruntime, TensorRT."""

@@ -1,0 +1,1 @@
+"""The canny2image pipeline: preprocessing, prompt encoding, the runtime behind the hackathon interface."""
