@@ -1,0 +1,97 @@
+"""How a torch part becomes fast: eager, torch.compile at start-up ("jit"), or an AOTInductor package ("aoti")
+compiled once by preprocess.sh and loaded by initialize() without recompiling.
+
+AOTInductor packages are compiled machine code for one GPU architecture, one torch version, one set of weights and
+one static shape set, so their manifest key holds all four and a mismatch means a rebuild.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from artifacts import Manifest, atomic_file, library_versions
+from profiles.errors import ControlNetRTError
+
+# Bump when the parts' code changes in a way that invalidates compiled packages.
+PARTS_VERSION = 2
+
+
+class CompileMode(str, enum.Enum):
+    AUTO = "auto"  # aoti where it builds, else jit
+    EAGER = "eager"
+    JIT = "jit"
+    AOTI = "aoti"
+
+    @classmethod
+    def parse(cls, value: "str | CompileMode") -> "CompileMode":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ControlNetRTError(f"unknown compile mode {value!r}: choose one of "
+                                    f"{', '.join(m.value for m in cls)}") from None
+
+
+def _inductor_settings() -> None:
+    import torch._inductor.config as cfg
+
+    cfg.freezing = True  # weights become constants: lets Inductor fold and pre-layout them
+    cfg.triton.cudagraphs = False  # we capture the whole loop ourselves
+
+
+def artifact_key(profile_name: str, weights_id: str, device: torch.device) -> dict:
+    return {
+        "profile": profile_name,
+        "weights_id": weights_id,
+        "parts_version": PARTS_VERSION,
+        "versions": library_versions(("torch", "diffusers", "transformers")),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"[torch-engine] {msg}", file=sys.stderr, flush=True)
+
+
+class PartCompiler:
+    """Compiles named parts in one mode, sharing one artifact directory and manifest."""
+
+    def __init__(self, mode: CompileMode, artifact_dir: Path, key: dict):
+        self.mode = mode
+        self.artifact_dir = Path(artifact_dir)
+        self.key = key
+        self.manifest = Manifest.load(self.artifact_dir)
+        if self.manifest is None or self.manifest.key != key:
+            self.manifest = Manifest(key)
+        if mode in (CompileMode.JIT, CompileMode.AOTI):
+            _inductor_settings()
+
+    def __call__(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
+        if self.mode is CompileMode.EAGER:
+            return module
+        if self.mode is CompileMode.JIT:
+            return torch.compile(module, fullgraph=True, dynamic=False)
+        return self._aoti(name, module, example_args)
+
+    def _aoti(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
+        role = f"aoti:{name}"
+        path = self.artifact_dir / f"{name}.pt2"
+        if not self.manifest.is_fresh(self.artifact_dir, self.key, [role]):
+            start = time.perf_counter()
+            _log(f"compiling {name} with AOTInductor (one-off; minutes) ...")
+            with torch.no_grad():
+                exported = torch.export.export(module, example_args, strict=False)
+                with atomic_file(path) as tmp:
+                    torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp.with_suffix(".pt2")))
+                    tmp.with_suffix(".pt2").replace(tmp)
+            self.manifest.record(self.artifact_dir, role, path)
+            self.manifest.save(self.artifact_dir)
+            _log(f"compiled {name} in {time.perf_counter() - start:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)")
+        loaded = torch._inductor.aoti_load_package(str(path))
+        return loaded

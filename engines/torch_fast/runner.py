@@ -1,0 +1,126 @@
+"""The torch backend's fast step runner and engine set (fp16, channels_last, compiled parts, two streams).
+
+Per step: ControlBranch on a side stream while UNetEncoder runs on the current stream; UNetDecoder (with CFG and
+the DDIM update) joins them. Per-step inputs are rows of device tables; per-prompt K/V and per-image inputs live in
+static buffers that prepare() updates in place, so DenoiseLoop can capture all steps into one CUDA graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engines.base import EngineSet
+from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
+from engines.torch_fast.parts import ControlBranch, UNetDecoder, UNetEncoder, cross_attention_kv, time_table
+from models.bundle import ModelBundle
+from models.step import HintEncoder, LatentDecoder, TextEncoder
+from profiles.config import Profile
+from scheduler.ddim import make_ddim_tables
+
+
+def _copy_into(buffers: "list[torch.Tensor] | None", values: list[torch.Tensor]) -> list[torch.Tensor]:
+    if buffers is None or any(b.shape != v.shape for b, v in zip(buffers, values)):
+        return [v.clone() for v in values]
+    for b, v in zip(buffers, values):
+        b.copy_(v)
+    return buffers
+
+
+class FastStepRunner:
+    def __init__(self, bundle: ModelBundle, profile: Profile, device: torch.device, compiler: PartCompiler):
+        self.device = device
+        self.profile = profile
+        self.dtype = next(bundle.unet.parameters()).dtype
+        self.cn = ControlBranch(bundle.controlnet)
+        self.enc = UNetEncoder(bundle.unet)
+        self.dec = UNetDecoder(bundle.unet)
+        tables = make_ddim_tables(profile.ddim_steps).to(device)
+        self.coeffs = tables.coeffs
+        self.cn_temb, self.cn.slices = time_table(bundle.controlnet, self.cn.resnets, tables.timesteps)
+        self.enc_temb, self.enc.slices = time_table(bundle.unet, self.enc.resnets, tables.timesteps)
+        self.dec_temb, self.dec.slices = time_table(bundle.unet, self.dec.resnets, tables.timesteps)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._context = None
+        self.cn_kv = self.enc_kv = self.dec_kv = None
+        self.hint_features = self.guidance_scale = self.control_scales = None
+        self._compile(compiler, bundle)
+
+    def _example_inputs(self, bundle: ModelBundle):
+        b, c, h, w = self.profile.latent_shape
+        x = torch.randn(b, c, h, w, device=self.device)
+        context = torch.randn(2 * b, 77, bundle.context_dim, device=self.device, dtype=self.dtype)
+        hint = torch.randn(b, bundle.controlnet.config.block_out_channels[0], h, w, device=self.device,
+                           dtype=self.dtype)
+        return x, context, hint
+
+    @torch.no_grad()
+    def _compile(self, compiler: PartCompiler, bundle: ModelBundle) -> None:
+        x, context, hint = self._example_inputs(bundle)
+        scales = torch.ones(2, 13, device=self.device)
+        cn_kv = cross_attention_kv(self.cn.transformers, context)
+        enc_kv = cross_attention_kv(self.enc.transformers, context)
+        dec_kv = cross_attention_kv(self.dec.transformers, context)
+        self._cn = compiler("control_branch", self.cn, (x, hint, self.cn_temb[0], cn_kv, scales))
+        self._enc = compiler("unet_encoder", self.enc, (x, self.enc_temb[0], enc_kv))
+        mid, skips = self.enc(x, self.enc_temb[0], enc_kv)
+        controls = self.cn(x, hint, self.cn_temb[0], cn_kv, scales)
+        gs = torch.ones(1, device=self.device)
+        self._dec = compiler("unet_decoder", self.dec,
+                             (x, mid, skips, controls, self.dec_temb[0], dec_kv, self.coeffs[0], gs))
+
+    @torch.no_grad()
+    def prepare(self, context, hint_features, guidance_scale, control_scales) -> None:
+        if context is not self._context:  # the prompt cache hands back the same tensor for the same prompts
+            ctx = context.to(self.device, self.dtype)
+            self.cn_kv = _copy_into(self.cn_kv, cross_attention_kv(self.cn.transformers, ctx))
+            self.enc_kv = _copy_into(self.enc_kv, cross_attention_kv(self.enc.transformers, ctx))
+            self.dec_kv = _copy_into(self.dec_kv, cross_attention_kv(self.dec.transformers, ctx))
+            self._context = context
+        gs = torch.tensor([float(guidance_scale)], dtype=torch.float32)
+        (self.hint_features, self.guidance_scale, self.control_scales) = _copy_into(
+            None if self.hint_features is None else [self.hint_features, self.guidance_scale, self.control_scales],
+            [hint_features.to(self.device, self.dtype), gs.to(self.device), control_scales.to(self.device).float()])
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if self.side is None:
+            controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv, self.control_scales)
+            mid, skips = self._enc(x, self.enc_temb[k], self.enc_kv)
+        else:
+            main = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(main)
+            with torch.cuda.stream(self.side):
+                controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv, self.control_scales)
+            mid, skips = self._enc(x, self.enc_temb[k], self.enc_kv)
+            main.wait_stream(self.side)
+            for c in controls:  # allocated on the side stream, consumed on main
+                c.record_stream(main)
+        return self._dec(x, mid, list(skips), list(controls), self.dec_temb[k], self.dec_kv, self.coeffs[k],
+                         self.guidance_scale)
+
+
+def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
+                       compile_mode: str = "auto") -> EngineSet:
+    mode = CompileMode.parse(compile_mode)
+    if mode is CompileMode.AUTO:
+        mode = CompileMode.AOTI if device.type == "cuda" else CompileMode.EAGER
+    bundle.to(device=device, dtype=profile.precision.torch_dtype)
+    for net in (bundle.unet, bundle.controlnet, bundle.vae):
+        net.to(memory_format=torch.channels_last)
+    compiler = PartCompiler(mode, artifact_dir, artifact_key(profile.name, bundle.weights_id, device))
+    step = FastStepRunner(bundle, profile, device, compiler)
+    b, c, h, w = profile.latent_shape
+    decoder = LatentDecoder(bundle.vae)
+    decode = compiler("vae_decoder", decoder, (torch.randn(b, c, h, w, device=device),))
+    text, hint = TextEncoder(bundle.text_encoder), HintEncoder(bundle.controlnet)
+    return EngineSet(
+        text=torch.no_grad()(text.forward),
+        hint=torch.no_grad()(hint.forward),
+        step=step,
+        decode=torch.no_grad()(decode.__call__),
+        device=device,
+        description=f"torch fast {profile.precision.value} ({mode.value}, channels_last, 2 streams) on {device}",
+        capturable=device.type == "cuda",
+    )
