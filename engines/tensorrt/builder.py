@@ -148,9 +148,12 @@ def load_timing_cache(config, path: Path):
     """Attach the cache at `path` (or a fresh one). A cache from another GPU or TensorRT version fails
     verification; it is then replaced by a fresh one rather than failing the build."""
     blob = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if cache is not None and config.set_timing_cache(cache, False):
-        return cache
+    try:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, False):
+            return cache
+    except (RuntimeError, TypeError, ValueError):  # a truncated or foreign file
+        pass
     print(f"[tensorrt] timing cache {path} does not fit this GPU / TensorRT; starting a fresh one", file=sys.stderr)
     cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, False)

@@ -97,11 +97,14 @@ class TrtEngine:
 
     def check_io(self, expected: "OrderedDict") -> None:
         """Raise unless the plan's tensors are exactly `expected` (a network_io entry): names, shapes, dtypes."""
-        problems = [f"{name}: plan has {tuple(buf.shape)} {buf.dtype}, contract {tuple(spec.shape)} {spec.dtype}"
-                    for name, spec in expected.items() if name in self.tensors
-                    for buf in [self.tensors[name]] if tuple(buf.shape) != tuple(spec.shape) or buf.dtype != spec.dtype]
+        problems = []
         if set(self.tensors) != set(expected):
-            problems.insert(0, f"tensors {sorted(self.tensors)} != contract {sorted(expected)}")
+            problems.append(f"tensors {sorted(self.tensors)} != contract {sorted(expected)}")
+        for name, spec in expected.items():
+            buf = self.tensors.get(name)
+            if buf is not None and (tuple(buf.shape) != tuple(spec.shape) or buf.dtype != spec.dtype):
+                problems.append(f"{name}: plan has {tuple(buf.shape)} {buf.dtype}, contract "
+                                f"{tuple(spec.shape)} {spec.dtype}")
         if problems:
             raise ControlNetRTError(f"{self.path.name} does not match models.step.network_io ("
                                     + "; ".join(problems) + "): re-export the ONNX and rebuild the plans")
