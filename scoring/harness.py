@@ -23,7 +23,7 @@ from profiles.errors import ControlNetRTError
 from scoring.config import ScoreConfig
 from scoring.environment import describe_environment
 from scoring.grid import GridRow, build_grid
-from scoring.images import TestImage, encode_jpeg, encode_png, load_test_images, write_bytes_atomic
+from scoring.images import InputImage, encode_jpeg, encode_png, load_test_images, write_bytes_atomic
 from scoring.metrics import compare, summarize_latency
 from scoring.pd import PD_THRESHOLD, PDScorer, PDUnavailable, load_pd_scorer
 from scoring.report import REPORT_NAME, ImageRow, ScoreReport, summarize_fidelity
@@ -79,7 +79,7 @@ def _check_output(output, name: str, num_samples: int, shape: tuple) -> list[np.
     return list(output)
 
 
-def run_instance(factory: HackathonFactory, init_kwargs: dict, images: list[TestImage], config: ScoreConfig,
+def run_instance(factory: HackathonFactory, init_kwargs: dict, images: list[InputImage], config: ScoreConfig,
                  label: str, log: Callable[[str], None], trace_path: "Path | None" = None) -> RunOutput:
     """initialize() once (untimed), then one timed process() call per image; optionally one traced call after."""
     log(f"[{label}] initialize({', '.join(f'{k}={v!r}' for k, v in init_kwargs.items())})")
@@ -118,7 +118,7 @@ def run_instance(factory: HackathonFactory, init_kwargs: dict, images: list[Test
     return run
 
 
-def _write_results(out: Path, images: list[TestImage], results: list[list[np.ndarray]]) -> list[str]:
+def _write_results(out: Path, images: list[InputImage], results: list[list[np.ndarray]]) -> list[str]:
     """cv2.imwrite semantics of the original (RGB arrays written as if BGR, JPEG quality 95); atomic."""
     files = []
     for image, samples in zip(images, results):
@@ -130,7 +130,7 @@ def _write_results(out: Path, images: list[TestImage], results: list[list[np.nda
     return files
 
 
-def _edges_for_grid(image: TestImage, recorded: "np.ndarray | None", config: ScoreConfig) -> np.ndarray:
+def _edges_for_grid(image: InputImage, recorded: "np.ndarray | None", config: ScoreConfig) -> np.ndarray:
     if recorded is not None:
         return recorded
     import cv2
@@ -148,7 +148,7 @@ def _caption(row: ImageRow) -> str:
     return "   ".join(parts)
 
 
-def _settings(config: ScoreConfig, images: list[TestImage]) -> dict:
+def _settings(config: ScoreConfig, images: list[InputImage]) -> dict:
     return {
         "process_args": asdict(config.process),
         "num_images": len(images),
@@ -177,7 +177,7 @@ def _score_rows(rows: list[ImageRow], candidate: RunOutput, reference: RunOutput
             row.pd = pd_scorer.distance(row.result_file, ref_file)
 
 
-def _write_grid(config: ScoreConfig, images: list[TestImage], rows: list[ImageRow], candidate: RunOutput,
+def _write_grid(config: ScoreConfig, images: list[InputImage], rows: list[ImageRow], candidate: RunOutput,
                 reference: "RunOutput | None") -> None:
     grid_rows = [GridRow(input_bgr=images[i].bgr, edges=_edges_for_grid(images[i], candidate.edges[i], config),
                          result_rgb=candidate.results[i][0],

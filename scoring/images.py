@@ -32,7 +32,7 @@ SKIMAGE_SOURCES = (
 
 
 @dataclass(frozen=True)
-class TestImage:
+class InputImage:
     name: str  # file stem, e.g. "bird_3"; result files reuse it
     path: Path
     bgr: np.ndarray  # (H, W, 3) uint8 as cv2.imread returns it
@@ -133,13 +133,13 @@ def ensure_test_images(cache_root: Path, height: int = 256, width: int = 384) ->
     return folder
 
 
-def read_image(path: Path, source: "str | None" = None) -> TestImage:
+def read_image(path: Path, source: "str | None" = None) -> InputImage:
     import cv2
 
     bgr = cv2.imread(str(path))  # BGR uint8, as the original compute_score.py reads bird_{i}.jpg
     if bgr is None:
         raise ControlNetRTError(f"cannot read image {path}: pass a folder of JPEG/PNG files to --images")
-    return TestImage(name=path.stem, path=path, bgr=bgr, source=source or str(path))
+    return InputImage(name=path.stem, path=path, bgr=bgr, source=source or str(path))
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -153,7 +153,7 @@ def list_image_files(folder: Path) -> list[Path]:
 
 
 def load_test_images(count: int, *, folder: "Path | None" = None, cache_root: "Path | None" = None,
-                     height: int = 256, width: int = 384, exact: bool = True) -> list[TestImage]:
+                     height: int = 256, width: int = 384, exact: bool = True) -> list[InputImage]:
     """`count` images from `folder`, or from the generated set when folder is None.
 
     exact=False (the count was a default) takes fewer when fewer exist; exact=True makes that an error.
