@@ -68,9 +68,13 @@ class Manifest:
             tmp.write_text(body + "\n")
 
     def record(self, directory: "str | Path", role: str, path: "str | Path") -> None:
-        path = Path(path)
-        rel = path.relative_to(directory) if path.is_absolute() else path
-        self.artifacts[role] = ArtifactRecord(str(rel), role, file_sha256(Path(directory) / rel))
+        """`path` is inside `directory` (absolute, or relative to the working directory), or relative to it."""
+        path, directory = Path(path), Path(directory)
+        try:
+            rel = path.resolve().relative_to(directory.resolve())
+        except ValueError:
+            rel = path
+        self.artifacts[role] = ArtifactRecord(str(rel), role, file_sha256(directory / rel))
 
     def is_fresh(self, directory: "str | Path", key: dict, roles) -> bool:
         """True when `key` matches and every role in `roles` exists with its recorded hash."""
