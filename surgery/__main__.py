@@ -10,9 +10,12 @@ from profiles import ControlNetRTError, Precision, get_profile
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m surgery", description=__doc__ and
-                                     "Export the four ONNX files of one profile (cached; a rerun is a no-op).")
-    parser.add_argument("--weights", default="synthetic", help="weights source (see models.describe_sources)")
+    parser = argparse.ArgumentParser(prog="python3 -m surgery",
+                                     description="Export the four ONNX files of one profile (cached: a rerun with "
+                                                 "nothing changed is a no-op). Progress goes to stderr, the written "
+                                                 "paths to stdout.")
+    parser.add_argument("--weights", required=True,
+                        help="'synthetic', 'synthetic-tiny', a diffusers folder or an LDM checkpoint")
     parser.add_argument("--profile", default="256x384-fp32", help="profile name (profiles/config.py)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default build/<profile>/onnx)")
     parser.add_argument("--precision", choices=[p.value for p in Precision], default=None,

@@ -85,7 +85,9 @@ def _build_network(exporter, network: str, out_dir: Path, threshold: int) -> lis
 
         with _stage("export controlnet + unet + update"):
             parts = {name: load_graph(part.path) for name, part in exporter.fused_step_parts().items()}
-        graph, wires = glue_graph(exporter.io[network], exporter.precision)
+        # The dynamo exporter writes opset 18 whatever it is asked for: the merged graph takes the parts' opset.
+        opset = max(part.opset for part in parts.values())
+        graph, wires = glue_graph(exporter.io[network], exporter.precision, opset)
         merges = fused_step_passes(parts, wires)
     else:
         with _stage(f"export {network}"):

@@ -8,8 +8,9 @@ Exporter: the TorchScript exporter (`dynamo=False`), chosen deliberately. In tor
 deprecation warning), exports these networks in well under a second each for the tiny model, needs no onnxscript
 (maybe absent on the GPU machine), keeps module-scoped node names (`/net/down_blocks.0/...`) that make the graph
 readable, and emits the opset-17 patterns TensorRT's parser knows (GroupNorm as InstanceNormalization, one
-LayerNormalization per LayerNorm). The dynamo exporter also works here (`ExportOptions(dynamo=True)`, about 15x
-slower to export) and is the fallback once the TorchScript one is removed.
+LayerNormalization per LayerNorm). The dynamo exporter also works here (`ExportOptions(dynamo=True)`, at opset 18,
+about 15x slower to export; fused step checked against torch too) and is the fallback once the TorchScript one
+is removed.
 
 fp16: the modules are deep copies converted with `.half()`, so the caller's bundle is never modified; see
 surgery/precision.py for where fp32 stays. CLIP is exported with its eager attention: the TorchScript exporter's
@@ -47,10 +48,21 @@ RESIDUAL_NAMES = tuple(f"residual_{i}" for i in range(NUM_CONTROLS))
 CONTROL_NAMES = tuple(f"control_{i}" for i in range(NUM_CONTROLS))
 
 
+# The dynamo exporter's down-conversion to opset 17 writes Split nodes with opset 18's `num_outputs` attribute,
+# which onnx.checker rejects (torch 2.13, onnxscript 0.7.2), so it exports at 18, its native opset.
+DYNAMO_OPSET = 18
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    opset: int = OPSET
     dynamo: bool = False  # TorchScript exporter by default: see the module docstring
+    opset_override: "int | None" = None  # default: OPSET (TorchScript) or DYNAMO_OPSET
+
+    @property
+    def opset(self) -> int:
+        if self.opset_override is not None:
+            return self.opset_override
+        return DYNAMO_OPSET if self.dynamo else OPSET
 
     @property
     def exporter_name(self) -> str:

@@ -33,15 +33,16 @@ _ONNX_DTYPE = {Precision.FP32: onnx.TensorProto.FLOAT, Precision.FP16: onnx.Tens
 _NP_DTYPE = {Precision.FP32: np.float32, Precision.FP16: np.float16}
 
 
-def glue_graph(io: "Mapping[str, TensorSpec]", precision: Precision) -> tuple[gs.Graph, dict[str, str]]:
-    """The fused step's boundary inputs and the glue before the networks.
+def glue_graph(io: "Mapping[str, TensorSpec]", precision: Precision, opset: int = OPSET
+               ) -> tuple[gs.Graph, dict[str, str]]:
+    """The fused step's boundary inputs and the glue before the networks, at the parts' opset.
 
     Returns the graph (no outputs yet) and the names of the glue tensors the networks read: sample, timesteps,
     context, hint_features, and scale_0..scale_12.
     """
     precision = Precision(precision)
     inputs = {name: gs.Variable(name, dtype=np.float32, shape=io[name].shape) for name in STEP_INPUTS}
-    graph = gs.Graph(inputs=list(inputs.values()), outputs=[], opset=OPSET, name="fused_step")
+    graph = gs.Graph(inputs=list(inputs.values()), outputs=[], opset=opset, name="fused_step")
     b = io["x"].shape[0]
 
     def node(op, name, ins, outs, attrs=None, dtype=None):
@@ -77,7 +78,9 @@ def glue_graph(io: "Mapping[str, TensorSpec]", precision: Precision) -> tuple[gs
                   ["scales_expanded"], dtype=dt)[0]
     scales = node("Reshape", "scales_batch", [scales, const("batch_shape", [2 * b, NUM_CONTROLS, 1, 1])],
                   ["scales_batch"], dtype=dt)[0]
-    columns = node("Split", "scales_split", [scales], [f"scale_{i}" for i in range(NUM_CONTROLS)], {"axis": 1}, dt)
+    # Explicit split sizes: valid from opset 13 on (opset 18 would otherwise need the num_outputs attribute).
+    columns = node("Split", "scales_split", [scales, const("split_sizes", [1] * NUM_CONTROLS)],
+                   [f"scale_{i}" for i in range(NUM_CONTROLS)], {"axis": 1}, dt)
     wires.update({f"scale_{i}": column for i, column in enumerate(columns)})
     return graph, {role: tensor.name for role, tensor in wires.items()}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from surgery.layout import OPSET, external_data_filename, onnx_filename
+from surgery.layout import external_data_filename, onnx_filename
 
 # Stay well below protobuf's 2 GiB hard limit: the graph itself (names, attributes) adds to the weights.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -44,8 +44,8 @@ def save_graph(graph: gs.Graph, out_dir: "str | Path", network: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     external = weights_nbytes(graph) > external_data_threshold
     model = gs.export_onnx(graph)
-    # The IR version that goes with our opset (not the newest onnx's): older parsers (TensorRT 8.6) accept it.
-    model.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", OPSET)])
+    # The IR version that goes with the graph's opset (not the newest onnx's): older parsers (TensorRT 8.6) take it.
+    model.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", graph.opset)])
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{network}.", dir=out_dir))
     try:
         onnx.save_model(model, str(staging / onnx_filename(network)), save_as_external_data=external,

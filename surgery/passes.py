@@ -16,7 +16,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from profiles.errors import ControlNetRTError
@@ -24,8 +23,6 @@ from surgery.layout import log
 
 Pass = Callable[[gs.Graph], None]
 
-# gs logs every failed partial fold at WARNING; a tensor that ORT cannot fold simply stays computed at runtime.
-G_LOGGER.severity = G_LOGGER.ERROR
 # Folding may not create constants bigger than this: an Expand/Tile of a small constant into a large one would
 # trade a cheap runtime op for weight memory and file size.
 FOLD_SIZE_THRESHOLD = 64 << 20
@@ -90,16 +87,19 @@ def fold_constants(graph: gs.Graph) -> None:
     shapes every Shape -> Gather -> Concat -> Reshape chain becomes a constant."""
     import onnxruntime
 
-    # ORT's own optimizer, inside the folding sessions, warns about every fp16 op it cannot pre-evaluate; the
-    # session still computes it, so those warnings are noise here.
+    # ORT's own optimizer, inside the folding sessions, warns about every fp16 op it cannot pre-evaluate (the
+    # session still computes it), and gs warns about every piece it cannot fold (it simply stays computed at
+    # runtime): noise here, so both are quieted for the duration of the pass.
     onnxruntime.set_default_logger_severity(3)
+    gs_severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
     try:  # one onnxruntime session for everything foldable: fast
         graph.fold_constants(fold_shapes=True, error_ok=False, size_threshold=FOLD_SIZE_THRESHOLD)
     except Exception:  # some node has no CPU kernel (e.g. in fp16): fold piece by piece, skipping what fails
         graph.fold_constants(fold_shapes=True, partitioning="basic", error_ok=True,
                              size_threshold=FOLD_SIZE_THRESHOLD)
     finally:
-        onnxruntime.set_default_logger_severity(2)  # ORT's default (warning)
+        onnxruntime.set_default_logger_severity(2)  # ORT's default (warning); it has no getter
+        G_LOGGER.severity = gs_severity
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
@@ -132,11 +132,14 @@ def prefix_names(prefix: str) -> Pass:
     """Prefix every node and tensor name (graph I/O included), so two exported graphs can share one namespace."""
 
     def pass_(graph: gs.Graph) -> None:
+        def join(name: str) -> str:  # exporter names start with "/": "unet/" + "/net/..." -> "unet/net/..."
+            return prefix + name[1:] if prefix.endswith("/") and name.startswith("/") else prefix + name
+
         for tensor in graph.tensors().values():
             if tensor.name:  # "" marks an omitted optional input
-                tensor.name = prefix + tensor.name
+                tensor.name = join(tensor.name)
         for i, node in enumerate(graph.nodes):
-            node.name = prefix + (node.name or f"{node.op}_{i}")
+            node.name = join(node.name or f"{node.op}_{i}")
 
     return named(f"prefix_names({prefix!r})", pass_)
 

@@ -87,7 +87,7 @@ def test_rebuild_only_what_changed_with_external_data(tmp_path, bundle, capfd):
 def test_failed_build_leaves_nothing_usable(tmp_path, bundle):
     out = tmp_path / "onnx"
     with pytest.raises(ControlNetRTError, match="ONNX export of text_encoder failed"):
-        build_onnx(bundle, small_profile(), out, options=ExportOptions(opset=999))
+        build_onnx(bundle, small_profile(), out, options=ExportOptions(opset_override=999))
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
     assert Manifest.load(out).artifacts == {}
 

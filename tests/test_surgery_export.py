@@ -189,3 +189,14 @@ def test_fp16_graphs_are_strongly_typed_friendly(bundle, fp16_build):
 def test_fused_step_fp16_matches_torch_fp16(bundle, fp16_build):
     profile, paths = fp16_build
     check_step_parity(bundle, profile, paths["fused_step"], torch.float16, rel_tol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # torch.export internals
+def test_dynamo_exporter_fallback_matches_torch(tmp_path_factory, bundle):
+    """The fallback for when torch drops the TorchScript exporter: same surgery, opset 18, same numerics."""
+    from surgery.export import DYNAMO_OPSET, ExportOptions
+
+    profile = small_profile(Precision.FP32)
+    paths = build(tmp_path_factory, bundle, profile, "64x64-fp32-dynamo", options=ExportOptions(dynamo=True))
+    assert onnx.load(str(paths["fused_step"])).opset_import[0].version == DYNAMO_OPSET
+    check_step_parity(bundle, profile, paths["fused_step"], torch.float32, rel_tol=1e-4)

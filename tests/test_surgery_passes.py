@@ -135,6 +135,7 @@ def test_clear_intermediate_shapes_keeps_boundary():
 def test_prefix_and_rename_io():
     graph = make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], [vinfo("x", [2, 3])],
                        [vinfo("y", [2, 3])])
+    graph.nodes[0].name = "/relu"  # the TorchScript exporter's scoped style
     P.prefix_names("net/")(graph)
     assert graph.nodes[0].name == "net/relu" and set(graph.tensors()) == {"net/x", "net/y"}
     P.rename_io({"net/x": "sample", "net/y": "out"})(graph)
