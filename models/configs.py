@@ -24,6 +24,10 @@ class Architecture:
     controlnet: dict
     vae: dict
     text_encoder: dict = field(default_factory=dict)
+    # Synthetic-weights recipe: std of ControlNet's zero-convs is gain / sqrt(in_channels) (models/synthetic.py).
+    # design.md measured 0.3 on sd15; the tiny nets need more for the hint to move the image (36 dB, not 57 dB).
+    control_gain: float = 0.3
+    hint_gain: float = 0.3
 
 
 def _unet_common(channels, groups, heads, context_dim) -> dict:
@@ -44,7 +48,7 @@ def _unet_common(channels, groups, heads, context_dim) -> dict:
 
 
 def _architecture(name, channels, groups, heads, context_dim, hint_channels, vae_channels, vae_groups, vae_layers,
-                  clip) -> Architecture:
+                  clip, control_gain=0.3, hint_gain=0.3) -> Architecture:
     common = _unet_common(channels, groups, heads, context_dim)
     unet = dict(common, out_channels=4, up_block_types=list(UP_BLOCKS), sample_size=64, center_input_sample=False,
                 mid_block_scale_factor=1)
@@ -63,7 +67,7 @@ def _architecture(name, channels, groups, heads, context_dim, hint_channels, vae
         sample_size=256,
         scaling_factor=0.18215,
     )
-    return Architecture(name, unet, controlnet, vae, clip)
+    return Architecture(name, unet, controlnet, vae, clip, control_gain, hint_gain)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -76,6 +80,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "tiny", (32, 32, 64, 64), 8, 2, 32, (8, 8, 16, 16), (16, 16, 32, 32), 8, 1,
         dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32),
+        control_gain=1.0, hint_gain=3.0,
     ),
 }
 

@@ -19,7 +19,7 @@ import torch
 from artifacts import atomic_directory
 from models.configs import get_architecture
 
-SYNTHETIC_RECIPE_VERSION = 1
+SYNTHETIC_RECIPE_VERSION = 2
 SUBFOLDERS = ("unet", "controlnet", "vae", "text_encoder")
 
 
@@ -41,14 +41,15 @@ def build_networks(arch_name: str, seed: int) -> dict[str, torch.nn.Module]:
         "vae": AutoencoderKL(**arch.vae),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**arch.text_encoder)),
     }
-    _make_control_visible(nets["controlnet"], torch.Generator().manual_seed(seed + 1))
+    _make_control_visible(nets["controlnet"], torch.Generator().manual_seed(seed + 1), arch.control_gain,
+                          arch.hint_gain)
     for net in nets.values():
         net.eval().requires_grad_(False)
     return nets
 
 
 @torch.no_grad()
-def _make_control_visible(controlnet, generator: torch.Generator) -> None:
+def _make_control_visible(controlnet, generator: torch.Generator, control_gain: float, hint_gain: float) -> None:
     hint = controlnet.controlnet_cond_embedding
     for conv in [hint.conv_in, *hint.blocks]:
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
@@ -56,7 +57,7 @@ def _make_control_visible(controlnet, generator: torch.Generator) -> None:
         conv.bias.zero_()
     zero_convs = [hint.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     for conv in zero_convs:
-        std = 0.3 / math.sqrt(conv.in_channels)
+        std = (hint_gain if conv is hint.conv_out else control_gain) / math.sqrt(conv.in_channels)
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * std)
         conv.bias.zero_()
 
