@@ -111,20 +111,22 @@ class Workload:
     def __init__(self, cfg: BenchConfig, profile, device):
         from scoring.images import load_test_images
 
-        self.images = load_test_images(cfg.num_images, cache_root=REPO_ROOT / "build", height=profile.height,
+        self.images = load_test_images(cfg.num_images, cache_root=REPO_ROOT / "build" / "test_images",
+                                       height=profile.height,
                                        width=profile.width)
-        self.hints = [torch.from_numpy(canny_hint(im.bgr, profile.height, 100, 200)[1]).to(device)
+        self.hints = [torch.from_numpy(canny_hint(im.bgr, min(profile.height, profile.width), 100, 200)[1]).to(device)
                       for im in self.images]
         torch.manual_seed(SEED)
         self.x_T = torch.randn(profile.latent_shape, device=device)
 
 
-def run_ours(cfg, work, ref) -> tuple[Row, list, list, object]:
+def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
     t0 = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
     rt = Canny2ImageRuntime(RuntimeConfig(weights=cfg.weights, profile=cfg.profile, backend="torch",
                                           compile_mode=cfg.compile_mode))
-    args = lambda im: (im.bgr, *PROMPT, 1, 256, 20, False, 1, 9, SEED, 0.0, 100, 200)  # noqa: E731
+    args = lambda im: (im.bgr, *PROMPT, 1, min(profile.height, profile.width), profile.ddim_steps, False, 1, 9,  # noqa: E731
+                       SEED, 0.0, 100, 200)
     rt.process(*args(work.images[0]))  # builds / compiles / captures
     row = Row(f"ours: {rt.engines.description}", compile_s=time.perf_counter() - t0)
     log(f"ours ready in {row.compile_s:.1f} s: {rt.description}")
@@ -157,15 +159,16 @@ def run_ours(cfg, work, ref) -> tuple[Row, list, list, object]:
 
 def run_reference(cfg, work, profile) -> tuple[Row, list, list]:
     rt = Canny2ImageRuntime(RuntimeConfig(weights=cfg.weights, profile=reference_of(profile).name, backend="torch"))
-    args = lambda im: (im.bgr, *PROMPT, 1, 256, 20, False, 1, 9, SEED, 0.0, 100, 200)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     row = Row("fp32 eager reference (diffusers modules, cond/uncond calls as ddim_hacked)")
-    images = [rt.process(*args(im))[0] for im in work.images]
     context = rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1)
-    latents = []
-    for hint in work.hints:
-        rt.engines.step.prepare(context, rt.engines.hint(hint), 9.0, torch.ones(2, 13))
-        latents.append(rt.loop(work.x_T).float().cpu())
+    images, latents = [], []
+    with torch.no_grad():
+        for hint in work.hints:  # = process() for the seeded noise, without a second loop for the latent
+            rt.engines.step.prepare(context, rt.engines.hint(hint), 9.0, torch.ones(2, 13))
+            latent = rt.loop(work.x_T)
+            latents.append(latent.float().cpu())
+            images.append(rt.engines.decode(latent)[0].cpu().numpy())
     row.loop_ms = time_cuda(lambda: rt.loop(work.x_T), warmup=1, runs=max(2, cfg.runs // 4)).median_ms
     row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     del rt
@@ -312,7 +315,7 @@ def main(argv=None) -> int:
         rows.append(row)
     del bundle
     log("ours ...")
-    row, imgs, lats, rt = run_ours(cfg, work, ref_images)
+    row, imgs, lats, rt = run_ours(cfg, work, profile)
     if ref_images is not None:
         fidelity(row, imgs, ref_images, lats, ref_latents)
     rows.append(row)

@@ -51,9 +51,12 @@ def create_engines(backend: Backend, bundle: ModelBundle, profile: Profile, devi
         return build_onnxruntime_engines(onnx_dir, profile, bundle)
     if backend is Backend.TENSORRT:
         from engines.tensorrt import build_tensorrt_engines, tensorrt_available
+        from surgery.build import build_onnx
 
         ok, why = tensorrt_available()
         if not ok:
             raise ControlNetRTError(why)
-        return build_tensorrt_engines(build_dir / "tensorrt", profile, device)
+        build_onnx(bundle, profile, build_dir / "onnx")
+        return build_tensorrt_engines(build_dir / "tensorrt", profile, device, onnx_dir=build_dir / "onnx",
+                                      weights_id=bundle.weights_id)
     raise ControlNetRTError(f"backend {backend.value!r} cannot create engines")

@@ -8,6 +8,7 @@ one static shape set, so their manifest key holds all four and a mismatch means 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,10 @@ def _inductor_settings() -> None:
 
     cfg.freezing = True  # weights become constants: lets Inductor fold and pre-layout them
     cfg.triton.cudagraphs = False  # we capture the whole loop ourselves
+    # Experiments: CNRT_INDUCTOR="conv_1x1_as_mm=1,epilogue_fusion=0" sets top-level Inductor options.
+    for item in filter(None, os.environ.get("CNRT_INDUCTOR", "").split(",")):
+        name, _, value = item.partition("=")
+        setattr(cfg, name.strip(), bool(int(value)) if value.strip() in ("0", "1") else value.strip())
 
 
 def artifact_key(profile_name: str, weights_id: str, device: torch.device) -> dict:
@@ -77,7 +82,13 @@ class PartCompiler:
             return module
         if self.mode is CompileMode.JIT:
             return torch.compile(module, fullgraph=True, dynamic=False)
-        return self._aoti(name, module, example_args)
+        if self.mode is CompileMode.AOTI:
+            return self._aoti(name, module, example_args)
+        try:  # AUTO: the saved package where it builds, else compile at start-up
+            return self._aoti(name, module, example_args)
+        except Exception as exc:  # noqa: BLE001 - any AOTInductor failure has the same remedy
+            _log(f"AOTInductor failed for {name} ({type(exc).__name__}: {str(exc)[:300]}); using torch.compile")
+            return torch.compile(module, fullgraph=True, dynamic=False)
 
     def _aoti(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
         role = f"aoti:{name}"

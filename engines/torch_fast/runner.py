@@ -104,8 +104,8 @@ class FastStepRunner:
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
                        compile_mode: str = "auto") -> EngineSet:
     mode = CompileMode.parse(compile_mode)
-    if mode is CompileMode.AUTO:
-        mode = CompileMode.AOTI if device.type == "cuda" else CompileMode.EAGER
+    if mode is CompileMode.AUTO and device.type != "cuda":
+        mode = CompileMode.EAGER
     bundle.to(device=device, dtype=profile.precision.torch_dtype)
     for net in (bundle.unet, bundle.controlnet, bundle.vae):
         net.to(memory_format=torch.channels_last)

@@ -1,0 +1,60 @@
+"""The torch backend's fast step (precomputed time/text tables, fused QKV, three parts) computes the same function
+as models.step.FusedDenoiseStep: fp32 on CPU, every part eager."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engines.torch_fast.compile import CompileMode, PartCompiler
+from engines.torch_fast.runner import FastStepRunner
+from models.step import FusedDenoiseStep
+from profiles import get_profile
+from scheduler import control_scales, make_ddim_tables
+
+
+@pytest.mark.parametrize("num_samples, guess_mode", [(1, False), (2, True)])
+def test_fast_step_matches_fused_step(tiny_bundle, tmp_path, num_samples, guess_mode):
+    profile = dataclasses.replace(get_profile("256x384-fp32"), name="t", height=128, width=192,
+                                  num_samples=num_samples)
+    runner = FastStepRunner(tiny_bundle, profile, torch.device("cpu"), PartCompiler(CompileMode.EAGER, tmp_path, {}))
+    reference = FusedDenoiseStep(tiny_bundle.unet, tiny_bundle.controlnet)
+    tables = make_ddim_tables(20)
+    g = torch.Generator().manual_seed(3)
+    b, c, h, w = profile.latent_shape
+    context = torch.randn(2 * b, 77, tiny_bundle.context_dim, generator=g)
+    hint = torch.randn(b, 32, h, w, generator=g) * 0.5
+    x = torch.randn(b, c, h, w, generator=g)
+    scales = control_scales(0.8, guess_mode)
+    runner.prepare(context, hint, 7.5, scales)
+    for k in (0, 11, 19):
+        with torch.no_grad():
+            ours = runner.step(x, k)
+            ref = reference(x, tables.timesteps[k : k + 1].float(), tables.coeffs[k], context, hint,
+                            torch.tensor([7.5]), scales)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # a new prompt must reach the precomputed K/V
+    runner.prepare(context.flip(0), hint, 7.5, scales)
+    with torch.no_grad():
+        moved = runner.step(x, 0)
+        ref = reference(x, tables.timesteps[:1].float(), tables.coeffs[0], context.flip(0), hint,
+                        torch.tensor([7.5]), scales)
+    torch.testing.assert_close(moved, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stage_ranges_are_visible_to_the_profiler(tiny_bundle, weights_cache):
+    import numpy as np
+
+    from canny2image_TRT import hackathon
+
+    hk = hackathon()
+    hk.initialize(weights="synthetic-tiny", profile="256x384-fp32", backend="torch", device="cpu",
+                  build_root=weights_cache.parent / "build-trace")
+    image = np.random.default_rng(0).integers(0, 255, (256, 384, 3), dtype=np.uint8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hk.process(image, "a", "b", "c", 1, 256, 20, False, 1, 9, 1, 0.0, 100, 200)
+    names = {e.name for e in prof.events()}
+    for stage in ("preprocess", "text", "hint", "denoise", "decode", "to-host", "step 0", "step 19"):
+        assert stage in names, stage
