@@ -5,6 +5,7 @@ bench/ and preprocess.sh); CNRT_TEST_COMPILE=jit|aoti switches it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,7 +86,9 @@ def test_sd15_fast_step_matches_fp32_step(weights_cache):
     from profiles import get_profile
     from scheduler import control_scales, make_ddim_tables
 
-    bundle32 = load_bundle("synthetic", cache_root=weights_cache).to(device="cuda")
+    # CNRT_BUILD_DIR=build reuses preprocess.sh's weights and compiled packages instead of rebuilding them.
+    build = Path(os.environ["CNRT_BUILD_DIR"]) if os.environ.get("CNRT_BUILD_DIR") else weights_cache.parent
+    bundle32 = load_bundle("synthetic", cache_root=build / "weights").to(device="cuda")
     reference = FusedDenoiseStep(bundle32.unet, bundle32.controlnet)
     profile = get_profile("256x384-fp16")
     g = torch.Generator("cuda").manual_seed(0)
@@ -101,8 +104,8 @@ def test_sd15_fast_step_matches_fp32_step(weights_cache):
                                  torch.tensor([9.0], device="cuda"), scales.cuda()) for k in (0, 19)}
     del reference, bundle32
     torch.cuda.empty_cache()
-    bundle16 = load_bundle("synthetic", cache_root=weights_cache)
-    engines = build_fast_engines(bundle16, profile, torch.device("cuda"), weights_cache.parent / "sd15-torch",
+    bundle16 = load_bundle("synthetic", cache_root=build / "weights")
+    engines = build_fast_engines(bundle16, profile, torch.device("cuda"), build / profile.name / "torch",
                                  compile_mode=COMPILE)
     engines.step.prepare(context, hint, 9.0, scales)
     for k, ref in expected.items():
