@@ -43,6 +43,8 @@ def build_onnx(bundle: ModelBundle, profile: "Profile | str", out_dir: "str | Pa
     options = options or ExportOptions()
     key = manifest_key(profile, bundle.weights_id, precision, options.exporter_name, options.opset)
     manifest = Manifest.load(out_dir)
+    if manifest is not None and manifest.key != key:
+        log(f"[onnx] {out_dir}: existing files are stale ({_key_changes(manifest.key, key)} changed)")
     if manifest is None or manifest.key != key:
         manifest = Manifest(key)
     todo = [net for net in NETWORKS if not _is_fresh(manifest, out_dir, net)]
@@ -116,6 +118,19 @@ def network_passes(network: str, io, precision: Precision) -> list:
         ordered.append(upcast_to_fp32())
     ordered.append(P.require_io(inputs, outputs))
     return ordered
+
+
+def _key_changes(old: dict, new: dict, prefix: str = "") -> str:
+    """The key fields that differ, e.g. 'libraries.torch, weights_id', to say why a build is not reused."""
+    changed = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _key_changes(a, b, f"{prefix}{name}.")
+            changed += [inner] if inner else []
+        elif a != b:
+            changed.append(prefix + name)
+    return ", ".join(changed)
 
 
 def _role(network: str, path: Path) -> str:
