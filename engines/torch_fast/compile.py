@@ -1,8 +1,12 @@
-"""How a torch part becomes fast: eager, torch.compile at start-up ("jit"), or an AOTInductor package ("aoti")
-compiled once by preprocess.sh and loaded by initialize() without recompiling.
+"""How a torch part becomes fast: eager, torch.compile ("jit", the default) or an AOTInductor package ("aoti").
 
-AOTInductor packages are compiled machine code for one GPU architecture, one torch version, one set of weights and
-one static shape set, so their manifest key holds all four and a mismatch means a rebuild.
+jit: preprocess.sh compiles every part once and saves Inductor's compiled kernels and graphs as one artifact
+(`inductor_cache.bin`, torch.compiler's portable cache); initialize() loads it before compiling, so start-up
+re-traces but does not re-generate or re-build kernels.
+aoti: torch.export + AOTInductor packages (.pt2) per part. On torch 2.11 + H200 loading our package segfaulted in
+`aoti_load_package` (seen 2026-11-26), so it is opt-in only.
+Compiled artifacts are machine code for one GPU architecture, one torch version, one set of weights and one static
+shape set: their manifest key holds all four and a mismatch means a rebuild.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from profiles.errors import ControlNetRTError
 PARTS_VERSION = 2
 
 
+JIT_CACHE = "inductor_cache.bin"
+
+
 class CompileMode(str, enum.Enum):
-    AUTO = "auto"  # aoti where it builds, else jit
+    AUTO = "auto"  # jit on a GPU, eager on CPU
     EAGER = "eager"
     JIT = "jit"
     AOTI = "aoti"
@@ -76,19 +83,35 @@ class PartCompiler:
             self.manifest = Manifest(key)
         if mode in (CompileMode.JIT, CompileMode.AOTI):
             _inductor_settings()
+        self._cache_loaded = mode is CompileMode.JIT and self._load_jit_cache()
+
+    def _load_jit_cache(self) -> bool:
+        if not self.manifest.is_fresh(self.artifact_dir, self.key, ["jit-cache"]):
+            return False
+        torch.compiler.load_cache_artifacts((self.artifact_dir / JIT_CACHE).read_bytes())
+        _log(f"loaded compiled kernels from {self.artifact_dir / JIT_CACHE}")
+        return True
+
+    def finish(self) -> None:
+        """Call after every part has run once (torch.compile compiles lazily): saves the jit cache artifact."""
+        if self.mode is not CompileMode.JIT or self._cache_loaded:
+            return
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            _log("torch.compiler saved no cache artifacts: start-up will recompile")
+            return
+        with atomic_file(self.artifact_dir / JIT_CACHE) as tmp:
+            tmp.write_bytes(saved[0])
+        self.manifest.record(self.artifact_dir, "jit-cache", self.artifact_dir / JIT_CACHE)
+        self.manifest.save(self.artifact_dir)
+        _log(f"saved compiled kernels to {self.artifact_dir / JIT_CACHE} ({len(saved[0]) / 2**20:.0f} MiB)")
 
     def __call__(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
         if self.mode is CompileMode.EAGER:
             return module
         if self.mode is CompileMode.JIT:
             return torch.compile(module, fullgraph=True, dynamic=False)
-        if self.mode is CompileMode.AOTI:
-            return self._aoti(name, module, example_args)
-        try:  # AUTO: the saved package where it builds, else compile at start-up
-            return self._aoti(name, module, example_args)
-        except Exception as exc:  # noqa: BLE001 - any AOTInductor failure has the same remedy
-            _log(f"AOTInductor failed for {name} ({type(exc).__name__}: {str(exc)[:300]}); using torch.compile")
-            return torch.compile(module, fullgraph=True, dynamic=False)
+        return self._aoti(name, module, example_args)
 
     def _aoti(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
         role = f"aoti:{name}"

@@ -7,6 +7,8 @@ static buffers that prepare() updates in place, so DenoiseLoop can capture all s
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +44,8 @@ class FastStepRunner:
         self.enc_temb, self.enc.slices = time_table(bundle.unet, self.enc.resnets, tables.timesteps)
         self.dec_temb, self.dec.slices = time_table(bundle.unet, self.dec.resnets, tables.timesteps)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.context_dim = bundle.context_dim
+        self.hint_channels = bundle.controlnet.config.block_out_channels[0]
         self._context = None
         self.cn_kv = self.enc_kv = self.dec_kv = None
         self.hint_features = self.guidance_scale = self.control_scales = None
@@ -69,6 +73,21 @@ class FastStepRunner:
         gs = torch.ones(1, device=self.device)
         self._dec = compiler("unet_decoder", self.dec,
                              (x, mid, skips, controls, self.dec_temb[0], dec_kv, self.coeffs[0], gs))
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """One step on random inputs (triggers lazy compilation); prepare() must be called again before use."""
+        x, context, hint = self._example_inputs_from_tables()
+        self.prepare(context, hint, 9.0, torch.ones(2, 13))
+        self.step(x, 0)
+        self._context = None
+
+    def _example_inputs_from_tables(self):
+        b, c, h, w = self.profile.latent_shape
+        x = torch.randn(b, c, h, w, device=self.device)
+        context = torch.randn(2 * b, 77, self.context_dim, device=self.device)
+        hint = torch.randn(b, self.hint_channels, h, w, device=self.device)
+        return x, context, hint
 
     @torch.no_grad()
     def prepare(self, context, hint_features, guidance_scale, control_scales) -> None:
@@ -101,11 +120,15 @@ class FastStepRunner:
                          self.guidance_scale)
 
 
+def _log(msg: str) -> None:
+    print(f"[torch-engine] {msg}", file=sys.stderr, flush=True)
+
+
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
                        compile_mode: str = "auto") -> EngineSet:
     mode = CompileMode.parse(compile_mode)
-    if mode is CompileMode.AUTO and device.type != "cuda":
-        mode = CompileMode.EAGER
+    if mode is CompileMode.AUTO:
+        mode = CompileMode.JIT if device.type == "cuda" else CompileMode.EAGER
     bundle.to(device=device, dtype=profile.precision.torch_dtype)
     for net in (bundle.unet, bundle.controlnet, bundle.vae):
         net.to(memory_format=torch.channels_last)
@@ -113,7 +136,16 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     step = FastStepRunner(bundle, profile, device, compiler)
     b, c, h, w = profile.latent_shape
     decoder = LatentDecoder(bundle.vae)
-    decode = compiler("vae_decoder", decoder, (torch.randn(b, c, h, w, device=device),))
+    latent = torch.randn(b, c, h, w, device=device)
+    decode = compiler("vae_decoder", decoder, (latent,))
+    if mode is not CompileMode.EAGER:
+        start = time.perf_counter()
+        with torch.no_grad():  # torch.compile compiles on first call: do it here, in initialize(), not per image
+            step.warm_up()
+            decode(latent)
+        torch.cuda.synchronize(device)
+        compiler.finish()
+        _log(f"parts compiled / loaded in {time.perf_counter() - start:.1f} s")
     text, hint = TextEncoder(bundle.text_encoder), HintEncoder(bundle.controlnet)
     return EngineSet(
         text=torch.no_grad()(text.forward),
