@@ -17,6 +17,14 @@ VAE_SCALE = 8  # pixels per latent cell
 NUM_CONTROLS = 13  # 12 down residuals + 1 mid residual of the SD1.5 ControlNet
 
 
+def parse_choice(cls: type[enum.Enum], value, what: str):
+    """`cls(value)`, or ControlNetRTError listing the valid choices."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ControlNetRTError(f"unknown {what} {value!r}: choose one of {', '.join(m.value for m in cls)}") from None
+
+
 class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -36,11 +44,7 @@ class Backend(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | Backend") -> "Backend":
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(b.value for b in cls)
-            raise ControlNetRTError(f"unknown backend {value!r}: choose one of {names}") from None
+        return parse_choice(cls, value, "backend")
 
 
 @dataclass(frozen=True)

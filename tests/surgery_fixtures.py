@@ -22,28 +22,10 @@ def small_profile(precision: Precision = Precision.FP32, num_samples: int = 1):
                                num_samples=num_samples)
 
 
-def one_torch_thread():
-    """Generator for an autouse fixture: torch on one thread while these tests run. The tiny networks gain nothing
-    from threads, and on a shared 2-core CI machine torch's OpenMP workers thrash (measured: one 64x64 tiny step
-    8.9 s with 2 threads under load vs 0.03 s with 1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def session_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "surgery-session"
     root.mkdir(exist_ok=True)
     return root
-
-
-def tiny_bundle(tmp_path_factory):
-    from models import load_bundle
-
-    return load_bundle(TINY, cache_root=session_root(tmp_path_factory) / "weights")
 
 
 def build(tmp_path_factory, bundle, profile, folder: str, **kwargs) -> dict[str, Path]:

@@ -18,17 +18,7 @@ from models.step import FusedDenoiseStep, HintEncoder, LatentDecoder, TextEncode
 from models.tokenizer import tokenize
 from profiles import ControlNetRTError, Precision, get_profile
 from scheduler import control_scales, make_ddim_tables
-from tests.surgery_fixtures import build, one_torch_thread, small_profile, tiny_bundle
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory)
+from tests.surgery_fixtures import build, small_profile
 
 
 @pytest.fixture(scope="session")

@@ -17,19 +17,9 @@ from artifacts.manifest import Manifest
 from profiles import ControlNetRTError, Precision, get_profile
 from surgery import NETWORKS, build_onnx, manifest_key
 from surgery.export import ExportOptions
-from tests.surgery_fixtures import TINY, build, one_torch_thread, session_root, small_profile, tiny_bundle
+from tests.surgery_fixtures import TINY, build, session_root, small_profile
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory)
 
 
 def mtimes(folder: Path) -> dict[str, int]:

@@ -21,17 +21,7 @@ from scheduler import control_scales, make_ddim_tables
 from surgery.onnx_io import load_graph
 from surgery.passes import infer_tensor_types
 from surgery.precision import FP16_UPCAST_OPS
-from tests.surgery_fixtures import build, one_torch_thread, small_profile, tiny_bundle
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory)
+from tests.surgery_fixtures import build, small_profile
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 
 from artifacts import Manifest, atomic_file, library_versions
-from profiles.errors import ControlNetRTError
+from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 2
+PARTS_VERSION = 3
 
 
 JIT_CACHE = "inductor_cache.bin"
@@ -38,11 +38,7 @@ class CompileMode(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | CompileMode") -> "CompileMode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ControlNetRTError(f"unknown compile mode {value!r}: choose one of "
-                                    f"{', '.join(m.value for m in cls)}") from None
+        return parse_choice(cls, value, "compile mode")
 
 
 def _inductor_settings() -> None:

@@ -136,91 +136,71 @@ def _split(items: list, counts: list[int]) -> list[list]:
 
 # ---- the three parts -----------------------------------------------------------------------------------------------
 
-class ControlBranch(nn.Module):
+class _Encoder(nn.Module):
+    """The down path + mid block of a UNet or ControlNet (identical structure), walked with the precomputed tables."""
+
+    def __init__(self, net, transformers):
+        super().__init__()
+        self.net = net
+        self.transformers = transformers
+        self.qkv = _FusedQKV(transformers)
+        self.resnets = _resnets_of(list(net.down_blocks) + [net.mid_block])
+        self.kv_counts = _kv_counts(transformers)
+        self.slices: list[tuple[int, int]] = []
+
+    def encode(self, h, temb, kv: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h: conv_in output (2B) -> (mid-block output, the 12 states the skips / zero-convs take)."""
+        kvs = iter(_split(kv, self.kv_counts))
+        tis = iter(range(len(self.kv_counts)))
+        ts = iter(self.slices)
+        states = [h]
+        for block in self.net.down_blocks:
+            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for resnet, attn in zip(block.resnets, attns):
+                s = next(ts)
+                h = _resnet(resnet, h, temb[s[0]:s[1]])
+                if attn is not None:
+                    h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
+                states.append(h)
+            for down in block.downsamplers or []:
+                h = down.conv(h)
+                states.append(h)
+        mid = self.net.mid_block
+        s = next(ts)
+        h = _resnet(mid.resnets[0], h, temb[s[0]:s[1]])
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
+            s = next(ts)
+            h = _resnet(resnet, h, temb[s[0]:s[1]])
+        return h, states
+
+
+class ControlBranch(_Encoder):
     """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb row, K/V list, scales (2,13) -> 13 scaled residuals (2B)."""
 
     def __init__(self, controlnet):
-        super().__init__()
-        self.net = controlnet
-        self.transformers = _transformers_of(controlnet)
-        self.qkv = _FusedQKV(self.transformers)
-        self.resnets = _resnets_of(list(controlnet.down_blocks) + [controlnet.mid_block])
-        self.kv_counts = _kv_counts(self.transformers)
-        self.slices: list[tuple[int, int]] = []
+        super().__init__(controlnet, _transformers_of(controlnet))
 
     def forward(self, x, hint_features, temb, kv: list[torch.Tensor], scales):
         net = self.net
         dtype = net.conv_in.weight.dtype
-        b = x.shape[0]
         h = net.conv_in(x.to(dtype)) + hint_features  # identical for cond and uncond: compute once, then double
-        h = torch.cat([h, h])
-        kvs = iter(_split(kv, self.kv_counts))
-        tis = iter(range(len(self.kv_counts)))
-        ts = iter(self.slices)
-        residuals = [h]
-        for block in net.down_blocks:
-            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
-            for resnet, attn in zip(block.resnets, attns):
-                s = next(ts)
-                h = _resnet(resnet, h, temb[s[0]:s[1]])
-                if attn is not None:
-                    h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
-                residuals.append(h)
-            for down in block.downsamplers or []:
-                h = down.conv(h)
-                residuals.append(h)
-        mid = net.mid_block
-        s = next(ts)
-        h = _resnet(mid.resnets[0], h, temb[s[0]:s[1]])
-        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
-            s = next(ts)
-            h = _resnet(resnet, h, temb[s[0]:s[1]])
-        outs = [zc(r) for r, zc in zip(residuals, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h)]
-        row = scales.to(dtype).repeat_interleave(b, dim=0)  # (2B, 13): cond rows then uncond rows
+        mid, states = self.encode(torch.cat([h, h]), temb, kv)
+        outs = [zc(r) for r, zc in zip(states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(mid)]
+        row = scales.to(dtype).repeat_interleave(x.shape[0], dim=0)  # (2B, 13): cond rows then uncond rows
         return [o * row[:, i].reshape(-1, 1, 1, 1) for i, o in enumerate(outs)]
 
 
-class UNetEncoder(nn.Module):
+class UNetEncoder(_Encoder):
     """x (B,4,h,w) fp32, temb row, K/V list -> (mid-block output, 12 skip tensors), all batch 2B."""
 
     def __init__(self, unet):
-        super().__init__()
-        self.net = unet
-        self.transformers = [t for t in _transformers_of(unet) if t not in _transformers_of_up(unet)]
-        self.qkv = _FusedQKV(self.transformers)
-        self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])
-        self.kv_counts = _kv_counts(self.transformers)
-        self.slices: list[tuple[int, int]] = []
+        up = _transformers_of_up(unet)
+        super().__init__(unet, [t for t in _transformers_of(unet) if t not in up])
 
     def forward(self, x, temb, kv: list[torch.Tensor]):
-        net = self.net
-        dtype = net.conv_in.weight.dtype
-        h = net.conv_in(x.to(dtype))
-        h = torch.cat([h, h])
-        kvs = iter(_split(kv, self.kv_counts))
-        tis = iter(range(len(self.kv_counts)))
-        ts = iter(self.slices)
-        skips = [h]
-        for block in net.down_blocks:
-            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
-            for resnet, attn in zip(block.resnets, attns):
-                s = next(ts)
-                h = _resnet(resnet, h, temb[s[0]:s[1]])
-                if attn is not None:
-                    h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
-                skips.append(h)
-            for down in block.downsamplers or []:
-                h = down.conv(h)
-                skips.append(h)
-        mid = net.mid_block
-        s = next(ts)
-        h = _resnet(mid.resnets[0], h, temb[s[0]:s[1]])
-        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
-            s = next(ts)
-            h = _resnet(resnet, h, temb[s[0]:s[1]])
-        return h, skips
+        h = self.net.conv_in(x.to(self.net.conv_in.weight.dtype))
+        return self.encode(torch.cat([h, h]), temb, kv)
 
 
 def _transformers_of_up(unet) -> list:
