@@ -139,8 +139,8 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
     ids = tokenize([PROMPT[0]] * 1 + [PROMPT[2]]).to(rt.device)
     row.extra = {
         "text_uncached_ms": time_cuda(lambda: rt.engines.text(ids), runs=cfg.runs).median_ms,
-        "hint_ms": time_cuda(lambda: rt._hint(work.hints[0]), runs=cfg.runs).median_ms,
-        "decode_ms": time_cuda(lambda: rt._decode(work.x_T), runs=cfg.runs).median_ms,
+        "hint_ms": time_cuda(lambda: rt.hint_stage(work.hints[0]), runs=cfg.runs).median_ms,
+        "decode_ms": time_cuda(lambda: rt.decode_stage(work.x_T), runs=cfg.runs).median_ms,
         "process_min_ms": e2e.min_ms,
         "process_max_ms": e2e.max_ms,
     }
@@ -150,7 +150,7 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
         images.append(rt.process(*args(im))[0])
     # latents of the loop itself for the latent error (same noise / hint path as the reference)
     for hint in work.hints:
-        rt.engines.step.prepare(rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1), rt._hint(hint).clone(),
+        rt.engines.step.prepare(rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1), rt.hint_stage(hint).clone(),
                                 9.0, torch.ones(2, 13))
         latents.append(rt.loop(work.x_T).float().cpu())
     row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     x = torch.randn(rt.profile.latent_shape, device="cuda")
     for bench_flag in (False, True):
         torch.backends.cudnn.benchmark = bench_flag
-        rt.loop._graphed.reset()
+        rt.loop.reset()
         rt.loop(x)
         t = time_cuda(lambda: rt.loop(x), runs=10)
         print(f"loop (one graph), cudnn.benchmark={bench_flag}: {t.median_ms:.2f} ms (min {t.min_ms:.2f})")

@@ -21,6 +21,14 @@ class DenoiseLoop:
         self.use_graph = use_graph
         self._graphed = GraphedFunction(self.run_eager, "the denoising loop", pool=pool, warmup_iters=1)
 
+    @property
+    def captured(self) -> bool:
+        return self._graphed.captured
+
+    def reset(self) -> None:
+        """Drop the captured graph; the next call captures again (e.g. after changing a backend setting)."""
+        self._graphed.reset()
+
     def run_eager(self, x: torch.Tensor) -> torch.Tensor:
         for k in range(self.steps):
             with nvtx_range(f"step {k}"):

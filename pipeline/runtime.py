@@ -85,8 +85,8 @@ class Canny2ImageRuntime:
         use_graphs = self.engines.capturable and config.cuda_graphs and self.profile.precision is not Precision.FP32
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.loop = DenoiseLoop(self.engines.step, self.profile.ddim_steps, use_graphs, pool=pool)
-        self._hint = GraphedFunction(self.engines.hint, "the hint encoder", pool=pool) if use_graphs else self.engines.hint
-        self._decode = (GraphedFunction(self.engines.decode, "the VAE decoder", pool=pool)
+        self.hint_stage = GraphedFunction(self.engines.hint, "the hint encoder", pool=pool) if use_graphs else self.engines.hint
+        self.decode_stage = (GraphedFunction(self.engines.decode, "the VAE decoder", pool=pool)
                         if use_graphs else self.engines.decode)
         self.last_hint_map: "np.ndarray | None" = None
 
@@ -131,14 +131,14 @@ class Canny2ImageRuntime:
         with nvtx_range("text"):
             context = self.prompts.get(positive_prompt(prompt, a_prompt), n_prompt, b)
         with nvtx_range("hint"):
-            hint_features = self._hint(hint)
+            hint_features = self.hint_stage(hint)
         # The first draw from the device generator after seeding, as in the original sampler.
         x_T = torch.randn(self.profile.latent_shape, device=self.device)
         self.engines.step.prepare(context, hint_features, float(scale), control_scales(float(strength), bool(guess_mode)))
         with nvtx_range("denoise"):
             latent = self.loop(x_T)
         with nvtx_range("decode"):
-            images = self._decode(latent)
+            images = self.decode_stage(latent)
         with nvtx_range("to-host"):
             images = images.cpu().numpy()
         return [images[i] for i in range(b)]

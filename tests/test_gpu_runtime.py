@@ -38,7 +38,7 @@ def fast(weights_cache):
 def test_captured_loop_matches_eager_over_replays(fast, picture):
     rt = fast.runtime
     fast.process(picture, *ARGS)  # prepares inputs and captures
-    assert rt.loop._graphed.captured
+    assert rt.loop.captured
     x = torch.randn(rt.profile.latent_shape, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     eager = rt.loop.run_eager(x.clone())
     replays = [rt.loop(x) for _ in range(3)]
