@@ -85,9 +85,10 @@ class Canny2ImageRuntime:
         use_graphs = self.engines.capturable and config.cuda_graphs and self.profile.precision is not Precision.FP32
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.loop = DenoiseLoop(self.engines.step, self.profile.ddim_steps, use_graphs, pool=pool)
-        self.hint_stage = GraphedFunction(self.engines.hint, "the hint encoder", pool=pool) if use_graphs else self.engines.hint
+        self.hint_stage = (GraphedFunction(self.engines.hint, "the hint encoder", pool=pool)
+                           if use_graphs else self.engines.hint)
         self.decode_stage = (GraphedFunction(self.engines.decode, "the VAE decoder", pool=pool)
-                        if use_graphs else self.engines.decode)
+                             if use_graphs else self.engines.decode)
         self.last_hint_map: "np.ndarray | None" = None
 
     @property
