@@ -122,3 +122,15 @@ def test_hint_and_prompt_both_change_the_image(reference_hk, picture):
     other_prompt = _call(reference_hk, picture, prompt="a red car")[0].astype(int)
     assert np.abs(base - other_edges).mean() > 1
     assert np.abs(base - other_prompt).mean() > 1
+
+
+def test_onnxruntime_backend_matches_independent_implementation(tiny_weights_dir, weights_cache, picture):
+    """Issue 4's acceptance: the fused ONNX graph (ControlNet + UNet + CFG + DDIM merged by surgery/) run by
+    onnxruntime through the hackathon interface, within 3 uint8 levels of the independent implementation."""
+    hk = hackathon()
+    hk.initialize(weights=str(tiny_weights_dir), profile="256x384-fp32", backend="onnxruntime", device="cpu",
+                  build_root=weights_cache.parent / "build-ort")
+    assert "onnxruntime" in hk.runtime.engines.description.lower()
+    ours = _call(hk, picture)[0]
+    theirs = independent_canny2image(tiny_weights_dir, picture)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 3
