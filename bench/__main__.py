@@ -133,7 +133,6 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
     e2e = time_wall(lambda: rt.process(*args(work.images[0])), warmup=2, runs=cfg.runs)
     row.end_to_end_ms = e2e.median_ms
     row.loop_ms = time_cuda(lambda: rt.loop(work.x_T), runs=cfg.runs).median_ms
-    context = rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1)
     from models.tokenizer import tokenize
 
     ids = tokenize([PROMPT[0]] * 1 + [PROMPT[2]]).to(rt.device)
@@ -144,7 +143,6 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
         "process_min_ms": e2e.min_ms,
         "process_max_ms": e2e.max_ms,
     }
-    del context
     images, latents = [], []
     for im in work.images:
         images.append(rt.process(*args(im))[0])

@@ -33,7 +33,7 @@ def create_engines(backend: Backend, bundle: ModelBundle, profile: Profile, devi
         if profile.precision is Precision.FP32:
             from engines.torch_eager import build_eager_engines
 
-            return build_eager_engines(bundle, profile, device, original=True)
+            return build_eager_engines(bundle, profile, device)
         if device.type != "cuda":
             raise ControlNetRTError(f"profile {profile.name} is fp16, which needs a CUDA GPU: on CPU use a -fp32 "
                                     "profile (e.g. 256x384-fp32)")

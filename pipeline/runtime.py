@@ -19,7 +19,7 @@ import torch
 from engines.factory import create_engines, resolve_backend
 from graph_capture import DenoiseLoop, GraphedFunction, nvtx_range
 from models import load_bundle
-from pipeline.preprocess import canny_hint, check_image, hwc3, resized_shape
+from pipeline.preprocess import canny_hint, check_image, resized_shape
 from pipeline.prompts import PromptCache, positive_prompt
 from profiles.config import DEFAULT_PROFILE, Backend, Precision, Profile, get_profile
 from profiles.errors import ControlNetRTError

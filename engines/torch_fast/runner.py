@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from engines.base import EngineSet
+from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
 from engines.torch_fast.parts import ControlBranch, UNetDecoder, UNetEncoder, cross_attention_kv, time_table
 from models.bundle import ModelBundle
-from models.step import HintEncoder, LatentDecoder, TextEncoder
+from models.step import LatentDecoder
 from profiles.config import Profile
 from scheduler.ddim import make_ddim_tables
 
@@ -146,13 +147,6 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
         torch.cuda.synchronize(device)
         compiler.finish()
         _log(f"parts compiled / loaded in {time.perf_counter() - start:.1f} s")
-    text, hint = TextEncoder(bundle.text_encoder), HintEncoder(bundle.controlnet)
-    return EngineSet(
-        text=torch.no_grad()(text.forward),
-        hint=torch.no_grad()(hint.forward),
-        step=step,
-        decode=torch.no_grad()(decode.__call__),
-        device=device,
-        description=f"torch fast {profile.precision.value} ({mode.value}, channels_last, 2 streams) on {device}",
-        capturable=device.type == "cuda",
-    )
+    return torch_engine_set(
+        bundle, step, decode, device,
+        f"torch fast {profile.precision.value} ({mode.value}, channels_last, 2 streams) on {device}")
