@@ -3,10 +3,14 @@
 Per step: ControlBranch on a side stream while UNetEncoder runs on the current stream; UNetDecoder (with CFG and
 the DDIM update) joins them. Per-step inputs are rows of device tables; per-prompt K/V and per-image inputs live in
 static buffers that prepare() updates in place, so DenoiseLoop can capture all steps into one CUDA graph.
+On a GPU, before compiling, the step's convolutions are swapped for faster kernels where measured so
+(`gemm_conv`, `triton_conv`, `conv_tuning`; CNRT_CONV picks the mode).
 """
 
 from __future__ import annotations
 
+import enum
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +20,14 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
+from engines.torch_fast import conv_tuning
+from engines.torch_fast.conv_tuning import ConvShape, TuningTable
+from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
+                                          record_input_sizes)
 from engines.torch_fast.parts import ControlBranch, UNetDecoder, UNetEncoder, cross_attention_kv, time_table
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
-from profiles.config import Profile
+from profiles.config import Profile, parse_choice
 from scheduler.ddim import make_ddim_tables
 
 
@@ -125,6 +133,60 @@ def _log(msg: str) -> None:
     print(f"[torch-engine] {msg}", file=sys.stderr, flush=True)
 
 
+class ConvKernels(str, enum.Enum):
+    """Which kernels run the step's convolutions (environment variable CNRT_CONV; `tuned` is the default on a GPU)."""
+
+    TUNED = "tuned"  # 1x1 as matmuls, kxk on the Triton kernel where the tuning table measured it faster
+    POINTWISE = "pointwise"  # 1x1 as matmuls only
+    CUDNN = "cudnn"  # nothing swapped (the CPU always uses this)
+
+    @classmethod
+    def parse(cls, value: "str | ConvKernels") -> "ConvKernels":
+        return parse_choice(cls, value, "convolution kernels (CNRT_CONV)")
+
+
+def _conv_shape(conv, shape: tuple[int, ...]) -> ConvShape:
+    n, c, h, w = shape
+    return ConvShape(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+
+
+def _tuning_table(shapes: list[ConvShape], compiler: PartCompiler) -> TuningTable:
+    path = compiler.artifact_dir / conv_tuning.TABLE_FILE
+    if compiler.manifest.is_fresh(compiler.artifact_dir, compiler.key, ["conv-tuning"]):
+        return TuningTable.load(path)
+    _log(f"tuning {len(set(shapes))} convolution shapes (one-off) ...")
+    table = conv_tuning.tune_all(shapes)
+    table.save(path)
+    compiler.manifest.record(compiler.artifact_dir, "conv-tuning", path)
+    compiler.manifest.save(compiler.artifact_dir)
+    return table
+
+
+def _swap_convolutions(bundle: ModelBundle, profile: Profile, device: torch.device, compiler: PartCompiler,
+                       kernels: "ConvKernels | str") -> None:
+    """Replace the step's convolutions where measured faster: 1x1 by matmuls; kxk by the Triton kernel where the
+    tuning table says so. Input sizes come from one eager step."""
+    eager = FastStepRunner(bundle, profile, device, PartCompiler(CompileMode.EAGER, compiler.artifact_dir, {}))
+    sizes = record_input_sizes([bundle.unet, bundle.controlnet], eager.warm_up)
+    kernels = ConvKernels.parse(kernels)
+    table = None
+    if kernels is ConvKernels.TUNED:
+        shapes = [_conv_shape(c, s) for c, s in sizes.items() if is_wide(c) and c.kernel_size != (1, 1)]
+        table = _tuning_table(shapes, compiler)
+        _log(table.summary())
+
+    def replacement(conv, shape):
+        swapped = pointwise_as_matmul(conv, shape)
+        if swapped is None and table is not None and is_wide(conv):
+            choice = table.choices.get(_conv_shape(conv, shape).key)
+            if choice is not None and choice.backend == "triton":
+                swapped = TritonConv2d(conv, choice.config)
+        return swapped
+
+    n = convert_convolutions([bundle.unet, bundle.controlnet], sizes, replacement)
+    _log(f"{n} convolutions swapped ({kernels.value})")
+
+
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
                        compile_mode: str = "auto") -> EngineSet:
     mode = CompileMode.parse(compile_mode)
@@ -133,7 +195,12 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     bundle.to(device=device, dtype=profile.precision.torch_dtype)
     for net in (bundle.unet, bundle.controlnet, bundle.vae):
         net.to(memory_format=torch.channels_last)
-    compiler = PartCompiler(mode, artifact_dir, artifact_key(profile.name, bundle.weights_id, device))
+    kernels = ConvKernels.parse(os.environ.get("CNRT_CONV", "tuned")) if device.type == "cuda" else ConvKernels.CUDNN
+    key = artifact_key(profile.name, bundle.weights_id, device)
+    key["conv_kernels"] = kernels.value
+    compiler = PartCompiler(mode, artifact_dir, key)
+    if kernels is not ConvKernels.CUDNN:
+        _swap_convolutions(bundle, profile, device, compiler, kernels)
     step = FastStepRunner(bundle, profile, device, compiler)
     b, c, h, w = profile.latent_shape
     decoder = LatentDecoder(bundle.vae)

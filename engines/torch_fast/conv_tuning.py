@@ -1,0 +1,158 @@
+"""Per-shape choice of convolution kernel, measured once on the GPU and kept as a JSON artifact.
+
+For every distinct 3x3 convolution of the step (input shape, Cout, stride) this times cuDNN against the Triton
+implicit-GEMM kernel (`triton_conv`) over its candidate configs, and records the fastest. Timing follows
+bench/METHOD: CUDA-graph replays of several calls over rotating weight and input copies (deep layers' weights are
+bigger than L2, as in the real step, which streams each weight once), median of 10 replays.
+The table is part of the compiled artifact: `build_fast_engines` tunes when no table matches the manifest key.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from artifacts import atomic_file
+from engines.torch_fast import triton_conv
+from engines.torch_fast.triton_conv import ConvConfig
+
+TABLE_FILE = "conv_tuning.json"
+_ROTATE = 3
+_REPEAT = 4
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One 3x3 (or kxk) convolution of the step: input (N, C, H, W) -> Cout, square kernel, stride, padding."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    cout: int
+    kernel: int
+    stride: int
+    padding: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.n}x{self.c}x{self.h}x{self.w}->{self.cout} k{self.kernel} s{self.stride} p{self.padding}"
+
+
+@dataclass
+class ConvChoice:
+    backend: str  # "triton" or "cudnn"
+    config: "ConvConfig | None"
+    cudnn_us: float
+    best_us: float
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "config": None if self.config is None else self.config.as_dict(),
+                "cudnn_us": self.cudnn_us, "best_us": self.best_us}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvChoice":
+        return cls(d["backend"], None if d["config"] is None else ConvConfig(**d["config"]), d["cudnn_us"],
+                   d["best_us"])
+
+
+@dataclass
+class TuningTable:
+    choices: dict[str, ConvChoice] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({k: v.as_dict() for k, v in self.choices.items()}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "TuningTable":
+        return cls({k: ConvChoice.from_dict(v) for k, v in json.loads(Path(path).read_text()).items()})
+
+    def summary(self) -> str:
+        cudnn = sum(c.cudnn_us for c in self.choices.values())
+        best = sum(c.best_us for c in self.choices.values())
+        n_triton = sum(c.backend == "triton" for c in self.choices.values())
+        return (f"{n_triton}/{len(self.choices)} conv shapes on Triton; one call of each: {cudnn:.0f} us with "
+                f"cuDNN -> {best:.0f} us")
+
+
+def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int = _ROTATE,
+                  repeat: int = _REPEAT) -> float:
+    """Median device time of one call, replayed in a CUDA graph over `copies` rotating argument sets."""
+    calls = [make_call(i) for i in range(copies)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton compilation) outside the capture
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            for c in calls:
+                c()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (repeat * copies))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool = True) -> ConvChoice:
+    s = shape
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    xs = [torch.randn(s.n, s.c, s.h, s.w, device=dev, dtype=dtype, generator=gen)
+          .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
+    ws = [(torch.randn(s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
+          .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
+    bs = [torch.randn(s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
+    mats = [w.permute(2, 3, 1, 0).reshape(-1, s.cout).contiguous() for w in ws]
+    cudnn_us = graph_time_us(lambda i: lambda: F.conv2d(xs[i], ws[i], bs[i], s.stride, s.padding))
+    best = ConvChoice("cudnn", None, cudnn_us, cudnn_us)
+    if not triton_conv.available():
+        return best
+    ref = F.conv2d(xs[0], ws[0], bs[0], s.stride, s.padding).float() if check else None
+    m = s.n * triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)[0] \
+        * triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)[1]
+    for cfg in triton_conv.candidate_configs(m, s.cout, s.c, s.kernel):
+        def run(i, cfg=cfg):
+            return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg)
+
+        if ref is not None:
+            got = run(0)().float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            if not err < 5e-3:
+                raise RuntimeError(f"Triton conv {cfg} is wrong for {s.key}: relative error {err:.2e}")
+        us = graph_time_us(run)
+        if us < best.best_us:
+            best = ConvChoice("triton", cfg, cudnn_us, us)
+    return best
+
+
+def tune_all(shapes: list[ConvShape], log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+             ) -> TuningTable:
+    table = TuningTable()
+    start = time.perf_counter()
+    for i, shape in enumerate(sorted(set(shapes), key=lambda s: s.key)):
+        choice = tune_shape(shape)
+        table.choices[shape.key] = choice
+        cfg = "" if choice.config is None else f" {choice.config}"
+        log(f"[conv-tuning] {i + 1}: {shape.key}: cuDNN {choice.cudnn_us:.1f} us, best {choice.backend} "
+            f"{choice.best_us:.1f} us{cfg}")
+    log(f"[conv-tuning] {table.summary()} ({time.perf_counter() - start:.0f} s)")
+    return table

@@ -1,0 +1,151 @@
+"""Implicit-GEMM convolution of NHWC fp16 maps in Triton, with split-K: the step's 3x3 convolutions.
+
+Why: at 256x384 the step's 3x3 convolutions are GEMMs of M = 48..3072 rows (pixels x CFG batch 2), K = 9*Cin up to
+23040 and N = Cout up to 1280. cuDNN runs them at 64x64 tiles without splitting K, so the deep levels fill a fraction
+of the SMs; im2col + cuBLAS was faster per layer but its gather costs a kernel and a round trip per convolution
+(bench/NOTES.md). This kernel gathers the im2col tile straight from the NHWC map (one 3x3 tap and BLOCK_K
+channels per K step, zero outside the map), so it needs no extra memory pass, and it splits K across programs for
+the skinny shapes. Per-shape block sizes and split come from `tuning.py`, measured once on the GPU at build time.
+
+Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight as (kh*kw*Cin, Cout) rows in
+(kernel row, kernel column, input channel) order, as `gemm_conv.GemmConv2d` stores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch backend then keeps cuDNN / im2col + GEMM
+    triton = tl = None
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr,
+                          H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT,
+                          STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        img = offs_m // OHW
+        rem = offs_m - img * OHW
+        oy = rem // OW
+        ox = rem - oy * OW
+        row_ok = offs_m < M
+        col_ok = offs_n < COUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_begin = pid_k * K_STEPS_PER_SPLIT
+        for i in range(0, K_STEPS_PER_SPLIT):
+            k0 = (k_begin + i) * BLOCK_K
+            tap = k0 // C  # one (ky, kx) tap per K step: C is a multiple of BLOCK_K
+            c0 = k0 - tap * C
+            ky = tap // KSIZE
+            kx = tap - ky * KSIZE
+            iy = oy * STRIDE + ky - PAD
+            ix = ox * STRIDE + kx - PAD
+            ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            pixel = (img * H + iy) * W + ix
+            a = tl.load(x_ptr + pixel[:, None] * C + (c0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+            b = tl.load(w_ptr + (k0 + offs_k)[:, None] * COUT + offs_n[None, :], mask=col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + pid_k * M * COUT + offs_m[:, None] * COUT + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def output_size(h: int, w: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
+
+
+def supports(in_channels: int, kernel_size: int, cfg: ConvConfig) -> bool:
+    k_steps = kernel_size * kernel_size * in_channels // cfg.block_k
+    return in_channels % cfg.block_k == 0 and k_steps % cfg.split_k == 0
+
+
+def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
+                padding: int, cfg: ConvConfig) -> torch.Tensor:
+    """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
+
+    With split_k > 1 the programs write fp32 partial sums (split_k, M, Cout) that one reduction adds up (with the
+    bias); under torch.compile that reduction fuses into whatever consumes the output.
+    """
+    n, c, h, w = x.shape
+    cout = weight.shape[1]
+    if not supports(c, kernel_size, cfg):
+        raise ValueError(f"config {cfg} does not divide Cin={c}, kernel {kernel_size}")
+    oh, ow = output_size(h, w, kernel_size, stride, padding)
+    m = n * oh * ow
+    x = x.contiguous(memory_format=torch.channels_last)
+    k_steps = kernel_size * kernel_size * c // cfg.block_k
+    split = cfg.split_k
+    fused_bias = bias is not None and split == 1
+    out = torch.empty((split, m, cout), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split)
+    _launch(x, weight, bias if fused_bias else out, out, h, w, c, ow, oh * ow, cout, m, k_steps // split,
+            stride, padding, kernel_size, fused_bias, cfg, grid)
+    if split == 1:
+        result = out[0]
+    else:
+        result = out.sum(0) if bias is None else out.sum(0) + bias.float()
+        result = result.to(x.dtype)
+    return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
+
+
+def _launch(x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, stride, padding, kernel_size, has_bias, cfg,
+            grid) -> None:
+    # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph.
+    _conv_nhwc_kernel[grid](x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps,
+                 STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# (block_m, block_n, num_warps, num_stages) tried per shape; block_k is 64 (every wide Cin is a multiple of it).
+_TILES = ((64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
+          (128, 128, 4, 3), (64, 256, 8, 3))
+
+
+def candidate_configs(m: int, cout: int, in_channels: int, kernel_size: int) -> list[ConvConfig]:
+    """The search space of one shape: the tiles above (128-row tiles only when M > 64; no tile wider than Cout)
+    x the K splits that divide the K steps, keep >= 8 steps per split and leave <= ~4 waves of programs."""
+    out = []
+    bk = 64
+    if in_channels % bk:
+        return out
+    k_steps = kernel_size * kernel_size * in_channels // bk
+    for bm, bn, warps, stages in _TILES:
+        if (bm > 64 and m <= 64) or bn > max(cout, 64):
+            continue
+        tiles = -(-m // bm) * -(-cout // bn)
+        for split in (1, 2, 3, 4, 6, 8, 12, 16):
+            if k_steps % split == 0 and k_steps // split >= 8 and tiles * split <= 4 * 132:
+                out.append(ConvConfig(bm, bn, bk, split, warps, stages))
+    return out

@@ -1,0 +1,155 @@
+"""The convolution swaps of the torch fast backend compute exactly what nn.Conv2d computes.
+
+CPU: GemmConv2d in float64; the Triton implicit-GEMM kernel through Triton's interpreter (skipped without triton);
+the swap applied to the tiny model's step; the tuning table's file format. GPU: the compiled Triton kernel on the
+sd15 step's real shapes, every candidate config, against cuDNN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.torch_fast import triton_conv
+from engines.torch_fast.conv_tuning import ConvChoice, TuningTable
+from engines.torch_fast.gemm_conv import GemmConv2d, TritonConv2d, is_wide, pointwise_as_matmul
+from engines.torch_fast.triton_conv import ConvConfig, candidate_configs
+
+CASES = [  # (Cin, Cout, kernel, stride, padding, bias, H, W)
+    (64, 48, 3, 1, 1, True, 5, 7),
+    (64, 40, 3, 2, 1, True, 8, 12),
+    (64, 24, 3, 1, 1, False, 4, 6),
+    (64, 32, 1, 1, 0, True, 4, 6),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,bias,h,w", CASES)
+def test_gemm_conv_equals_conv2d(cin, cout, k, s, p, bias, h, w):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, s, p, bias=bias).double()
+    x = torch.randn(2, cin, h, w, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(GemmConv2d(conv)(x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_only_wide_plain_pointwise_convolutions_become_matmuls():
+    assert isinstance(pointwise_as_matmul(nn.Conv2d(64, 64, 1), (2, 64, 4, 6)), GemmConv2d)
+    assert pointwise_as_matmul(nn.Conv2d(64, 64, 3, padding=1), (2, 64, 4, 6)) is None
+    assert pointwise_as_matmul(nn.Conv2d(4, 320, 1), (2, 4, 4, 6)) is None  # conv_in-like: stays on cuDNN
+    assert not is_wide(nn.Conv2d(64, 64, 3, groups=2))
+
+
+INTERPRETED_CHECK = r"""
+import sys
+import torch, torch.nn.functional as F
+from torch import nn
+import triton.runtime.interpreter as interpreter
+
+original = interpreter._patch_lang_tensor
+def patched(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-element arrays; numpy >= 2.4 refuses
+    original(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interpreter._patch_lang_tensor = patched
+
+from engines.torch_fast.gemm_conv import TritonConv2d
+from engines.torch_fast.triton_conv import ConvConfig
+cin, cout, k, s, p, bias, h, w, split = (int(v) for v in sys.argv[1:])
+torch.manual_seed(1)
+conv = nn.Conv2d(cin, cout, k, s, p, bias=bool(bias)).half()
+x = torch.randn(2, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+got = TritonConv2d(conv, ConvConfig(16, 32, 32, split, 4, 2))(x).float()
+ref = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), s, p)
+assert got.shape == ref.shape, (got.shape, ref.shape)
+assert got.is_contiguous(memory_format=torch.channels_last)
+print(((got - ref).norm() / ref.norm()).item())
+"""
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,bias,h,w", [c for c in CASES if c[2] == 3])
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, split):
+    """The kernel's indexing (taps, halo, stride, split-K, bias), run on the CPU by Triton's interpreter, which
+    must be switched on before triton is imported: hence a subprocess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    args = [str(int(v)) for v in (cin, cout, k, s, p, bias, h, w, split)]
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 2e-3
+
+
+def test_triton_conv_rejects_configs_that_do_not_divide_k():
+    conv = nn.Conv2d(96, 64, 3, padding=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        TritonConv2d(conv, ConvConfig(64, 64, 64, 1, 4, 3))  # 96 input channels: not a multiple of block_k
+
+
+def test_candidate_configs_all_divide_their_shape():
+    for m, cout, cin in [(48, 1280, 1280), (192, 1280, 2560), (3072, 320, 320), (768, 640, 1920)]:
+        configs = candidate_configs(m, cout, cin, 3)
+        assert configs
+        assert all(triton_conv.supports(cin, 3, c) for c in configs)
+    assert candidate_configs(48, 64, 96, 3) == []
+
+
+def test_tuning_table_round_trip(tmp_path):
+    table = TuningTable({"a": ConvChoice("triton", ConvConfig(64, 64, 64, 12, 4, 4), 26.7, 21.7),
+                         "b": ConvChoice("cudnn", None, 40.2, 40.2)})
+    table.save(tmp_path / "t.json")
+    again = TuningTable.load(tmp_path / "t.json")
+    assert again.choices == table.choices
+    assert "1/2 conv shapes on Triton" in again.summary()
+
+
+def test_pointwise_swap_keeps_the_tiny_step(tiny_bundle, tmp_path):
+    """The fast step with its 1x1 convolutions swapped for matmuls equals the unswapped one (fp32, CPU)."""
+    import copy
+
+    from engines.torch_fast.compile import CompileMode, PartCompiler
+    from engines.torch_fast.runner import FastStepRunner, _swap_convolutions
+    from profiles import get_profile
+
+    profile = get_profile("256x384-fp32")
+    device = torch.device("cpu")
+    plain = copy.deepcopy(tiny_bundle)
+    swapped = copy.deepcopy(tiny_bundle)
+    compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
+    _swap_convolutions(swapped, profile, device, compiler, "pointwise")
+    assert any(isinstance(m, GemmConv2d) for m in swapped.unet.modules())
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = profile.latent_shape
+    x = torch.randn(b, c, h, w, generator=g)
+    context = torch.randn(2 * b, 77, tiny_bundle.context_dim, generator=g)
+    hint = torch.randn(b, tiny_bundle.controlnet.config.block_out_channels[0], h, w, generator=g)
+    outs = []
+    for bundle in (plain, swapped):
+        runner = FastStepRunner(bundle, profile, device, compiler)
+        runner.prepare(context, hint, 9.0, torch.ones(2, 13))
+        with torch.no_grad():
+            outs.append(runner.step(x, 4))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+SD15_SHAPES = [(2, 1280, 4, 6, 1280, 1), (2, 2560, 8, 12, 1280, 1), (2, 1280, 8, 12, 1280, 2), (2, 640, 32, 48, 320, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,cin,h,w,cout,stride", SD15_SHAPES)
+def test_triton_conv_matches_cudnn_on_sd15_shapes(n, cin, h, w, cout, stride):
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(n, cin, h, w, device="cuda", generator=g).half().contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, 3, stride, 1).cuda().half()
+    ref = conv(x).float()
+    oh, ow = ref.shape[-2:]
+    for cfg in candidate_configs(n * oh * ow, cout, cin, 3):
+        got = TritonConv2d(conv, cfg)(x).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, f"{cfg}: relative error {err:.2e}"
