@@ -1,7 +1,8 @@
 """`python3 -m bench.profile_step`: where the fused loop's time goes, on the GPU.
 
-Prints the loop time under a few runtime switches, the device time of each part of a step alone, and the
-heaviest kernels of one captured loop grouped by kind (convolution, GEMM, attention, fused Triton, other).
+Prints the loop time with two streams and with one, the device time of each part of a step alone (each replayed
+in its own CUDA graph), how much of one profiled loop some kernel is running, and the heaviest kernels of that loop
+grouped by kind (convolution, GEMM, attention, fused Triton, other).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import torch
 
 from bench.timing import time_cuda
+from engines.torch_fast.conv_tuning import graph_time_us
 from pipeline.runtime import Canny2ImageRuntime, RuntimeConfig
 
 PROMPT = ("a bird", "best quality, extremely detailed", "longbody, lowres, bad anatomy, bad hands, missing fingers")
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--compile-mode", default="jit")
     p.add_argument("--weights", default="synthetic")
+    p.add_argument("--kernels-out", default=None, help="write every kernel's total time and launches to this file")
     a = p.parse_args(argv)
     import numpy as np
 
@@ -43,38 +46,64 @@ def main(argv=None) -> int:
     args = (image, *PROMPT, 1, 256, 20, False, 1, 9, 1, 0.0, 100, 200)
     rt.process(*args)
     x = torch.randn(rt.profile.latent_shape, device="cuda")
-    for bench_flag in (False, True):
-        torch.backends.cudnn.benchmark = bench_flag
-        rt.loop.reset()
-        rt.loop(x)
-        t = time_cuda(lambda: rt.loop(x), runs=10)
-        print(f"loop (one graph), cudnn.benchmark={bench_flag}: {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
+    t = time_cuda(lambda: rt.loop(x), runs=10)
+    print(f"loop (one graph, 2 streams): {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
     step = rt.engines.step
+    side, step.side = step.side, None
+    rt.loop.reset()
+    rt.loop(x)
+    t = time_cuda(lambda: rt.loop(x), runs=10)
+    print(f"loop (one graph, 1 stream):  {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
+    step.side = side
+    rt.loop.reset()
+    rt.loop(x)
     parts = {
         "control_branch": lambda: step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv, step.control_scales),
         "unet_encoder": lambda: step._enc(x, step.enc_temb[3], step.enc_kv),
     }
-    mid, skips = step._enc(x, step.enc_temb[3], step.enc_kv)
-    controls = step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv, step.control_scales)
+    with torch.no_grad():
+        mid, skips = step._enc(x, step.enc_temb[3], step.enc_kv)
+        controls = step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv, step.control_scales)
     parts["unet_decoder"] = lambda: step._dec(x, mid, list(skips), list(controls), step.dec_temb[3], step.dec_kv,
                                               step.coeffs[3], step.guidance_scale)
-    parts["whole step (2 streams, eager launch)"] = lambda: step.step(x, 3)
+    parts["whole step (2 streams)"] = lambda: step.step(x, 3)
     for name, fn in parts.items():
         with torch.no_grad():
-            t = time_cuda(fn, runs=20)
-        print(f"part {name:<40} {t.median_ms:7.3f} ms")
+            us = graph_time_us(lambda i, fn=fn: fn, copies=1, repeat=5)
+        print(f"part {name:<28} {us / 1e3:7.3f} ms (CUDA-graph replay)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         rt.loop(x)
         torch.cuda.synchronize()
     by_kind = collections.Counter()
     count = collections.Counter()
     by_name = collections.Counter()
+    launches = collections.Counter()
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             by_kind[kernel_kind(ev.name)] += us
             count[kernel_kind(ev.name)] += 1
             by_name[ev.name[:110]] += us
+            launches[ev.name[:110]] += 1
+    intervals = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                       if ev.device_type == torch.autograd.DeviceType.CUDA)
+    busy, cur_start, cur_end = 0.0, None, None
+    for a0, a1 in intervals:
+        if cur_end is None or a0 > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = a0, a1
+        else:
+            cur_end = max(cur_end, a1)
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
+    print(f"\none loop under the profiler: {span / 1e3:.1f} ms from first kernel start to last kernel end; some kernel "
+          f"running for {busy / 1e3:.1f} ms of it ({100 * busy / max(span, 1e-9):.0f}%), idle {(span - busy) / 1e3:.1f} ms")
+    if a.kernels_out:
+        with open(a.kernels_out, "w") as f:
+            for name, us in by_name.most_common():
+                f.write(f"{us / 1e3:9.3f} ms {launches[name]:6d}  {name}\n")
     total = sum(by_kind.values())
     print(f"\nkernel time in one loop: {total / 1e3:.1f} ms over {sum(count.values())} kernels")
     for kind, us in by_kind.most_common():
@@ -82,6 +111,16 @@ def main(argv=None) -> int:
     print("\ntop kernels:")
     for name, us in by_name.most_common(25):
         print(f"  {us / 1e3:7.2f} ms  {name}")
+    print("\nTriton kernels by what Inductor fused into them (words of the kernel name):")
+    fused = collections.Counter()
+    fused_n = collections.Counter()
+    for name, us in by_name.items():
+        if name.startswith("triton_"):
+            words = "_".join(w for w in name.split("_")[3:] if not w.isdigit())
+            fused[words] += us
+            fused_n[words] += launches[name]
+    for words, us in fused.most_common(15):
+        print(f"  {us / 1e3:7.2f} ms  {fused_n[words]:5d} launches  {words[:100]}")
     return 0
 
 
