@@ -13,13 +13,13 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch_fast import conv_tuning
 from engines.torch_fast.gemm_conv import gemm_conv2d
 from engines.torch_fast.runner import build_fast_engines
 from models.loader import load_bundle
@@ -31,29 +31,7 @@ PEAK_TFLOPS, PEAK_TBS = 790.0, 4.3  # measured ceilings on this workplace's H100
 
 
 def graph_time_us(make_call, copies: int = ROTATE, repeat: int = REPEAT) -> float:
-    """Median device time of one call, replayed in a CUDA graph over `copies` rotating argument sets."""
-    calls = [make_call(i) for i in range(copies)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            for c in calls:
-                c()
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (repeat * copies))
-    return statistics.median(times)
+    return conv_tuning.graph_time_us(make_call, copies, repeat)
 
 
 def record_layers(step) -> tuple[collections.Counter, collections.Counter]:
@@ -145,6 +123,7 @@ def main(argv=None) -> int:
         if hasattr(dcfg, name):
             setattr(dcfg, name, 512)
     profile = get_profile(a.profile)
+    os.environ["CNRT_CONV"], os.environ["CNRT_STEP"] = "cudnn", "streams"  # the step's original layers
     bundle = load_bundle(a.weights)
     engines = build_fast_engines(bundle, profile, torch.device("cuda"), os.path.join("build", "layer_shapes"),
                                  compile_mode="eager")

@@ -47,26 +47,34 @@ def main(argv=None) -> int:
     rt.process(*args)
     x = torch.randn(rt.profile.latent_shape, device="cuda")
     t = time_cuda(lambda: rt.loop(x), runs=10)
-    print(f"loop (one graph, 2 streams): {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
     step = rt.engines.step
-    side, step.side = step.side, None
-    rt.loop.reset()
-    rt.loop(x)
-    t = time_cuda(lambda: rt.loop(x), runs=10)
-    print(f"loop (one graph, 1 stream):  {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
-    step.side = side
-    rt.loop.reset()
-    rt.loop(x)
-    parts = {
-        "control_branch": lambda: step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv, step.control_scales),
-        "unet_encoder": lambda: step._enc(x, step.enc_temb[3], step.enc_kv),
-    }
+    print(f"loop (one graph, {'twin encoder' if step.twin is not None else '2 streams'}): {t.median_ms:.2f} ms "
+          f"(min {t.min_ms:.2f})")
+    if step.side is not None:
+        side, step.side = step.side, None
+        rt.loop.reset()
+        rt.loop(x)
+        t = time_cuda(lambda: rt.loop(x), runs=10)
+        print(f"loop (one graph, 1 stream):  {t.median_ms:.2f} ms (min {t.min_ms:.2f})")
+        step.side = side
+        rt.loop.reset()
+        rt.loop(x)
     with torch.no_grad():
-        mid, skips = step._enc(x, step.enc_temb[3], step.enc_kv)
-        controls = step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv, step.control_scales)
+        if step.twin is not None:
+            parts = {"twin_encoder": lambda: step._twin(x, step.hint_features, step.twin_temb[3], step.twin_kv,
+                                                        step.control_scales)}
+            mid, skips, controls = parts["twin_encoder"]()
+        else:
+            parts = {
+                "control_branch": lambda: step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv,
+                                                   step.control_scales),
+                "unet_encoder": lambda: step._enc(x, step.enc_temb[3], step.enc_kv),
+            }
+            mid, skips = parts["unet_encoder"]()
+            controls = parts["control_branch"]()
     parts["unet_decoder"] = lambda: step._dec(x, mid, list(skips), list(controls), step.dec_temb[3], step.dec_kv,
                                               step.coeffs[3], step.guidance_scale)
-    parts["whole step (2 streams)"] = lambda: step.step(x, 3)
+    parts["whole step"] = lambda: step.step(x, 3)
     for name, fn in parts.items():
         with torch.no_grad():
             us = graph_time_us(lambda i, fn=fn: fn, copies=1, repeat=5)

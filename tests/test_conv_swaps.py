@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engines.torch_fast import triton_conv
@@ -53,13 +52,23 @@ def patched(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-element
 interpreter._patch_lang_tensor = patched
 
 from engines.torch_fast.gemm_conv import TritonConv2d
-from engines.torch_fast.triton_conv import ConvConfig
-cin, cout, k, s, p, bias, h, w, split = (int(v) for v in sys.argv[1:])
+from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc
+cin, cout, k, s, p, bias, h, w, split, groups = (int(v) for v in sys.argv[1:])
 torch.manual_seed(1)
-conv = nn.Conv2d(cin, cout, k, s, p, bias=bool(bias)).half()
-x = torch.randn(2, cin, h, w).half().contiguous(memory_format=torch.channels_last)
-got = TritonConv2d(conv, ConvConfig(16, 32, 32, split, 4, 2))(x).float()
-ref = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), s, p)
+cfg = ConvConfig(16, 32, 32, split, 4, 2)
+if groups == 1:
+    conv = nn.Conv2d(cin, cout, k, s, p, bias=bool(bias)).half()
+    x = torch.randn(2, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+    got = TritonConv2d(conv, cfg)(x).float()
+    ref = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), s, p)
+else:  # independent convolutions, one per group of images, in one launch
+    convs = [nn.Conv2d(cin, cout, k, s, p, bias=bool(bias)).half() for _ in range(groups)]
+    x = torch.randn(2 * groups, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+    weight = torch.stack([c.weight.permute(2, 3, 1, 0).reshape(-1, cout) for c in convs]).contiguous()
+    b = torch.stack([c.bias for c in convs]) if bias else None
+    got = conv2d_nhwc(x, weight, b, k, s, p, cfg, groups=groups).float()
+    ref = torch.cat([F.conv2d(xg.float(), c.weight.float(), None if c.bias is None else c.bias.float(), s, p)
+                     for xg, c in zip(x.chunk(groups), convs)])
 assert got.shape == ref.shape, (got.shape, ref.shape)
 assert got.is_contiguous(memory_format=torch.channels_last)
 print(((got - ref).norm() / ref.norm()).item())
@@ -67,8 +76,8 @@ print(((got - ref).norm() / ref.norm()).item())
 
 
 @pytest.mark.parametrize("cin,cout,k,s,p,bias,h,w", [c for c in CASES if c[2] == 3])
-@pytest.mark.parametrize("split", [1, 3])
-def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, split):
+@pytest.mark.parametrize("split,groups", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, split, groups):
     """The kernel's indexing (taps, halo, stride, split-K, bias), run on the CPU by Triton's interpreter, which
     must be switched on before triton is imported: hence a subprocess."""
     import os
@@ -79,7 +88,7 @@ def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, s
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    args = [str(int(v)) for v in (cin, cout, k, s, p, bias, h, w, split)]
+    args = [str(int(v)) for v in (cin, cout, k, s, p, bias, h, w, split, groups)]
     done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK, *args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -114,7 +123,7 @@ def test_pointwise_swap_keeps_the_tiny_step(tiny_bundle, tmp_path):
     import copy
 
     from engines.torch_fast.compile import CompileMode, PartCompiler
-    from engines.torch_fast.runner import FastStepRunner, _swap_convolutions
+    from engines.torch_fast.runner import ConvKernels, FastStepRunner, StepLayout, _prepare_step_layers
     from profiles import get_profile
 
     profile = get_profile("256x384-fp32")
@@ -122,7 +131,7 @@ def test_pointwise_swap_keeps_the_tiny_step(tiny_bundle, tmp_path):
     plain = copy.deepcopy(tiny_bundle)
     swapped = copy.deepcopy(tiny_bundle)
     compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
-    _swap_convolutions(swapped, profile, device, compiler, "pointwise")
+    _prepare_step_layers(swapped, profile, device, compiler, ConvKernels.POINTWISE, StepLayout.STREAMS)
     assert any(isinstance(m, GemmConv2d) for m in swapped.unet.modules())
     g = torch.Generator().manual_seed(0)
     b, c, h, w = profile.latent_shape

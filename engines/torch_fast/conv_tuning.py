@@ -31,7 +31,8 @@ _REPEAT = 4
 
 @dataclass(frozen=True)
 class ConvShape:
-    """One 3x3 (or kxk) convolution of the step: input (N, C, H, W) -> Cout, square kernel, stride, padding."""
+    """One 3x3 (or kxk) convolution of the step: input (N, C, H, W) -> Cout, square kernel, stride, padding;
+    groups > 1: that many independent convolutions (own weights) over N images each, in one launch."""
 
     n: int
     c: int
@@ -41,10 +42,12 @@ class ConvShape:
     kernel: int
     stride: int
     padding: int
+    groups: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.n}x{self.c}x{self.h}x{self.w}->{self.cout} k{self.kernel} s{self.stride} p{self.padding}"
+        key = f"{self.n}x{self.c}x{self.h}x{self.w}->{self.cout} k{self.kernel} s{self.stride} p{self.padding}"
+        return key if self.groups == 1 else f"{key} g{self.groups}"
 
 
 @dataclass
@@ -114,24 +117,33 @@ def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int 
 @torch.no_grad()
 def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool = True) -> ConvChoice:
     s = shape
+    g = s.groups
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    xs = [torch.randn(s.n, s.c, s.h, s.w, device=dev, dtype=dtype, generator=gen)
+    xs = [torch.randn(g * s.n, s.c, s.h, s.w, device=dev, dtype=dtype, generator=gen)
           .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
-    ws = [(torch.randn(s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
-          .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
-    bs = [torch.randn(s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
-    mats = [w.permute(2, 3, 1, 0).reshape(-1, s.cout).contiguous() for w in ws]
-    cudnn_us = graph_time_us(lambda i: lambda: F.conv2d(xs[i], ws[i], bs[i], s.stride, s.padding))
+    ws = [(torch.randn(g, s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
+          for _ in range(_ROTATE)]
+    bs = [torch.randn(g, s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
+    mats = [w.permute(0, 3, 4, 2, 1).reshape(g, -1, s.cout).contiguous() for w in ws]
+    if g == 1:
+        mats, bs = [m[0] for m in mats], [b[0] for b in bs]
+
+    def cudnn(i):  # with groups: one cuDNN call per group and a concatenation, as the fallback runs them
+        if g == 1:
+            return F.conv2d(xs[i], ws[i][0], bs[i], s.stride, s.padding)
+        return torch.cat([F.conv2d(x, w, b, s.stride, s.padding) for x, w, b in zip(xs[i].chunk(g), ws[i], bs[i])])
+
+    cudnn_us = graph_time_us(lambda i: lambda: cudnn(i))
     best = ConvChoice("cudnn", None, cudnn_us, cudnn_us)
     if not triton_conv.available():
         return best
-    ref = F.conv2d(xs[0], ws[0], bs[0], s.stride, s.padding).float() if check else None
-    m = s.n * triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)[0] \
-        * triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)[1]
-    for cfg in triton_conv.candidate_configs(m, s.cout, s.c, s.kernel):
+    ref = cudnn(0).float() if check else None
+    oh, ow = triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)
+    for cfg in triton_conv.candidate_configs(g * s.n * oh * ow, s.cout, s.c, s.kernel):
         def run(i, cfg=cfg):
-            return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg)
+            return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg,
+                                                   groups=g)
 
         if ref is not None:
             got = run(0)().float()

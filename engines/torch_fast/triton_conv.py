@@ -45,12 +45,16 @@ if triton is not None:
 
     @triton.jit
     def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr,
-                          H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT,
+                          H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT, SPLIT, GROUPS,
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
+        pid_z = tl.program_id(2)
+        group = pid_z // SPLIT  # groups: independent convolutions (own images, weights, bias) in one launch
+        pid_k = pid_z - group * SPLIT
+        x_group = x_ptr + group * (M // OHW) * H * W * C
+        w_group = w_ptr + group * KSIZE * KSIZE * C * COUT
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -72,12 +76,12 @@ if triton is not None:
             ix = ox * STRIDE + kx - PAD
             ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             pixel = (img * H + iy) * W + ix
-            a = tl.load(x_ptr + pixel[:, None] * C + (c0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-            b = tl.load(w_ptr + (k0 + offs_k)[:, None] * COUT + offs_n[None, :], mask=col_ok[None, :], other=0.0)
+            a = tl.load(x_group + pixel[:, None] * C + (c0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+            b = tl.load(w_group + (k0 + offs_k)[:, None] * COUT + offs_n[None, :], mask=col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + pid_k * M * COUT + offs_m[:, None] * COUT + offs_n[None, :]
+            acc += tl.load(bias_ptr + group * COUT + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + (pid_k * GROUPS * M + group * M + offs_m[:, None]) * COUT + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -91,38 +95,47 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig) -> bool:
 
 
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
-                padding: int, cfg: ConvConfig) -> torch.Tensor:
+                padding: int, cfg: ConvConfig, groups: int = 1) -> torch.Tensor:
     """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
 
-    With split_k > 1 the programs write fp32 partial sums (split_k, M, Cout) that one reduction adds up (with the
-    bias); under torch.compile that reduction fuses into whatever consumes the output.
+    groups > 1 runs that many independent convolutions in one launch: images [g*N/groups, (g+1)*N/groups) use
+    weight[g] (groups, kh*kw*Cin, Cout) and bias[g] (groups, Cout). With split_k > 1 the programs write fp32
+    partial sums (split_k, M, Cout) that one reduction adds up (with the bias); under torch.compile that reduction
+    fuses into whatever consumes the output.
     """
     n, c, h, w = x.shape
-    cout = weight.shape[1]
+    cout = weight.shape[-1]
     if not supports(c, kernel_size, cfg):
         raise ValueError(f"config {cfg} does not divide Cin={c}, kernel {kernel_size}")
+    if n % groups or (groups > 1 and (weight.dim() != 3 or weight.shape[0] != groups)):
+        raise ValueError(f"{groups} groups need N divisible by them and weight (groups, K, Cout), got N={n}, "
+                         f"weight {tuple(weight.shape)}")
     oh, ow = output_size(h, w, kernel_size, stride, padding)
-    m = n * oh * ow
+    m = n // groups * oh * ow  # output rows per group
     x = x.contiguous(memory_format=torch.channels_last)
     k_steps = kernel_size * kernel_size * c // cfg.block_k
     split = cfg.split_k
     fused_bias = bias is not None and split == 1
-    out = torch.empty((split, m, cout), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split)
-    _launch(x, weight, bias if fused_bias else out, out, h, w, c, ow, oh * ow, cout, m, k_steps // split,
-            stride, padding, kernel_size, fused_bias, cfg, grid)
+    out = torch.empty((split, groups * m, cout), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
+    # Without a fused bias the kernel never reads bias_ptr: pass the weight, not `out`, so no argument aliases
+    # the one the kernel writes.
+    _launch(x, weight, bias if fused_bias else weight, out, h, w, c, ow, oh * ow, cout, m, k_steps // split, split,
+            groups, stride, padding, kernel_size, fused_bias, cfg, grid)
     if split == 1:
         result = out[0]
     else:
-        result = out.sum(0) if bias is None else out.sum(0) + bias.float()
-        result = result.to(x.dtype)
+        total = out.sum(0)
+        if bias is not None:
+            total = (total.reshape(groups, m, cout) + bias.float().reshape(groups, 1, cout)).reshape(groups * m, cout)
+        result = total.to(x.dtype)
     return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
 
 
-def _launch(x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, stride, padding, kernel_size, has_bias, cfg,
-            grid) -> None:
+def _launch(x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, split, groups, stride, padding, kernel_size,
+            has_bias, cfg, grid) -> None:
     # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph.
-    _conv_nhwc_kernel[grid](x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps,
+    _conv_nhwc_kernel[grid](x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, split, groups,
                  STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,0 +1,302 @@
+"""The UNet encoder and the ControlNet as ONE batched network: every layer runs both in one kernel.
+
+Why: the ControlNet's down path and mid block have exactly the UNet encoder's structure, and within a step the two
+do not depend on each other. Run as two networks on two CUDA streams (parts.py), their ~500 small kernels per step
+overlap only partly: on an H200 the pair took 2.07 ms of a 4.2 ms step, against 1.45 ms for the ControlNet alone
+(bench/NOTES.md). Here the activations of both are stacked along the batch, [UNet cond, UNet uncond, ControlNet
+cond, ControlNet uncond], and each layer's two weight sets are stacked too, so every layer is one launch over twice
+the rows: batched matmuls (cuBLAS strided-batched GEMM) for linears and 1x1 convolutions, the grouped Triton
+implicit-GEMM kernel for 3x3 convolutions, and plain norms followed by per-group affine transforms.
+
+`TwinEncoder` computes exactly what `UNetEncoder` + `ControlBranch` compute (the parity tests hold it to that).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.torch_fast import triton_conv
+from engines.torch_fast.conv_tuning import ConvShape
+from engines.torch_fast.parts import _heads, _merge_heads, _resnets_of, _transformers_of, _transformers_of_up
+from engines.torch_fast.triton_conv import ConvConfig
+
+GROUPS = 2  # 0: UNet encoder, 1: ControlNet
+
+
+def can_pair(unet, controlnet) -> bool:
+    """True when the ControlNet's down path + mid block have the UNet encoder's parameters, name for name."""
+    def layout(net):
+        return [(n, tuple(p.shape)) for block in list(net.down_blocks) + [net.mid_block]
+                for n, p in block.named_parameters()]
+
+    return layout(unet) == layout(controlnet)
+
+
+class _Stack:
+    """Builds stacked (GROUPS, ...) buffers from pairs of layers and registers them on the owning module."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+        self.count = 0
+
+    def __call__(self, pair: tuple, make: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        value = torch.stack([make(m).detach() for m in pair]).contiguous()
+        name = f"w{self.count}"
+        self.count += 1
+        self.owner.register_buffer(name, value, persistent=False)
+        return getattr(self.owner, name)
+
+
+def _matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """Conv weight (Cout, Cin, kh, kw) -> (kh*kw*Cin, Cout), rows in (kernel row, kernel column, channel) order."""
+    w = conv.weight
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+class _TwinNorm(nn.Module):
+    def __init__(self, pair, stack: _Stack, kind: str):
+        super().__init__()
+        self.kind = kind  # "group" or "layer"
+        self.groups = getattr(pair[0], "num_groups", None)
+        self.eps = pair[0].eps
+        self.weight = stack(pair, lambda m: m.weight)
+        self.bias = stack(pair, lambda m: m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """group: x (G*B, C, H, W); layer: x (G, rows, C)."""
+        if self.kind == "group":
+            y = F.group_norm(x, self.groups, eps=self.eps)
+            shape = (GROUPS, -1, x.shape[1], 1, 1)
+            g = y.reshape(GROUPS, -1, *x.shape[1:])
+            return (g * self.weight.reshape(shape) + self.bias.reshape(shape)).reshape(x.shape)
+        y = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        return y * self.weight[:, None, :] + self.bias[:, None, :]
+
+
+class _TwinLinear(nn.Module):
+    """A pair of Linear layers (or 1x1 convolutions) applied to (G, rows, in) as one batched matmul."""
+
+    def __init__(self, pair, stack: _Stack):
+        super().__init__()
+
+        def as_matrix(m):  # -> (in, out)
+            w = m.weight
+            return w.reshape(w.shape[0], -1).t()
+
+        self.weight = stack(pair, as_matrix)
+        self.bias = None if pair[0].bias is None else stack(pair, lambda m: m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Not baddbmm: it first copies the broadcast bias into the whole output (an ATen copy per call, 5 ms per
+        # loop on an H200); a plain add fuses into the consumer's kernel.
+        out = torch.bmm(x, self.weight)
+        return out if self.bias is None else out + self.bias[:, None, :]
+
+
+class _TwinConv(nn.Module):
+    """A pair of 3x3 (kxk) convolutions over the two halves of the batch: the grouped Triton kernel with a tuned
+    config, or (no config: CPU, or cuDNN measured faster) one conv2d per half and a concatenation."""
+
+    def __init__(self, pair, stack: _Stack, config: "ConvConfig | None"):
+        super().__init__()
+        conv = pair[0]
+        self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        self.config = config
+        if config is not None:
+            self.weight = stack(pair, _matrix)
+        else:
+            self.weight = stack(pair, lambda m: m.weight)
+        self.bias = stack(pair, lambda m: m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config is not None:
+            return triton_conv.conv2d_nhwc(x, self.weight, self.bias, self.kernel, self.stride, self.padding,
+                                           self.config, groups=GROUPS)
+        return torch.cat([F.conv2d(h, w, b, self.stride, self.padding)
+                          for h, w, b in zip(x.chunk(GROUPS), self.weight, self.bias)])
+
+
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
+    """(G*B, C, H, W) channels_last -> (G, B*H*W, C)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(GROUPS, n // GROUPS * h * w, c)
+
+
+def _from_rows(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(G, B*H*W, C) -> (G*B, C, H, W) channels_last (n = G*B)."""
+    return rows.reshape(n, h, w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+class _TwinResnet(nn.Module):
+    def __init__(self, pair, stack: _Stack, conv_config: Callable):
+        super().__init__()
+        u = pair[0]
+        self.norm1 = _TwinNorm((pair[0].norm1, pair[1].norm1), stack, "group")
+        self.conv1 = _TwinConv((pair[0].conv1, pair[1].conv1), stack, conv_config(pair[0].conv1))
+        self.norm2 = _TwinNorm((pair[0].norm2, pair[1].norm2), stack, "group")
+        self.conv2 = _TwinConv((pair[0].conv2, pair[1].conv2), stack, conv_config(pair[0].conv2))
+        self.shortcut = None if u.conv_shortcut is None else \
+            _TwinLinear((pair[0].conv_shortcut, pair[1].conv_shortcut), stack)
+        self.scale = u.output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """temb: (G, C) rows of time_emb_proj(silu(emb)) of the two networks."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        c = h.shape[1]
+        h = (h.reshape(GROUPS, -1, *h.shape[1:]) + temb.reshape(GROUPS, 1, c, 1, 1)).reshape(h.shape)
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.shortcut is not None:
+            x = _from_rows(self.shortcut(_to_rows(x)), x.shape[0], x.shape[2], x.shape[3])
+        return (x + h) / self.scale
+
+
+class _TwinTransformer(nn.Module):
+    def __init__(self, pair, stack: _Stack):
+        super().__init__()
+        u, c = pair
+        self.norm = _TwinNorm((u.norm, c.norm), stack, "group")
+        self.proj_in = _TwinLinear((u.proj_in, c.proj_in), stack)
+        self.proj_out = _TwinLinear((u.proj_out, c.proj_out), stack)
+        self.blocks = nn.ModuleList()
+        for bu, bc in zip(u.transformer_blocks, c.transformer_blocks):
+            block = nn.Module()
+            block.heads = bu.attn1.heads
+            block.norm1 = _TwinNorm((bu.norm1, bc.norm1), stack, "layer")
+            block.norm2 = _TwinNorm((bu.norm2, bc.norm2), stack, "layer")
+            block.norm3 = _TwinNorm((bu.norm3, bc.norm3), stack, "layer")
+            block.qkv = stack((bu.attn1, bc.attn1),
+                              lambda a: torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).t())
+            block.out1 = _TwinLinear((bu.attn1.to_out[0], bc.attn1.to_out[0]), stack)
+            block.q2 = _TwinLinear((bu.attn2.to_q, bc.attn2.to_q), stack)
+            block.out2 = _TwinLinear((bu.attn2.to_out[0], bc.attn2.to_out[0]), stack)
+            block.ff1 = _TwinLinear((bu.ff.net[0].proj, bc.ff.net[0].proj), stack)
+            block.ff2 = _TwinLinear((bu.ff.net[2], bc.ff.net[2]), stack)
+            self.blocks.append(block)
+
+    def forward(self, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+        """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first."""
+        n, _, height, width = x.shape
+        tokens = height * width
+        h = self.proj_in(_to_rows(self.norm(x)))  # (G, B*T, inner)
+
+        def per_image(t):  # (G, B*T, X) -> (G*B, T, X)
+            return t.reshape(n, tokens, t.shape[-1])
+
+        def per_group(t):
+            return t.reshape(GROUPS, -1, t.shape[-1])
+
+        for i, block in enumerate(self.blocks):
+            q, k, v = per_image(torch.bmm(block.norm1(h), block.qkv)).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(_heads(q, block.heads), _heads(k, block.heads),
+                                               _heads(v, block.heads))
+            h = block.out1(per_group(_merge_heads(a))) + h
+            q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
+            a = F.scaled_dot_product_attention(q, kv[2 * i], kv[2 * i + 1])
+            h = block.out2(per_group(_merge_heads(a))) + h
+            hidden, gate = block.ff1(block.norm3(h)).chunk(2, dim=-1)
+            h = block.ff2(hidden * F.gelu(gate)) + h
+        return _from_rows(self.proj_out(h), n, height, width) + x
+
+
+class TwinEncoder(nn.Module):
+    """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb rows (G, sum C), K/V list (G*2B, ...), scales (2,13) ->
+    (UNet mid-block output, the UNet's 12 skip tensors, the ControlNet's 13 scaled residuals), all batch 2B.
+
+    conv_config(conv, input_shape) gives the Triton config for a pair of convolutions (None: conv2d per half).
+    """
+
+    def __init__(self, unet, controlnet, input_shapes: dict,
+                 conv_config: Callable[[ConvShape], "ConvConfig | None"] = lambda shape: None):
+        super().__init__()
+        if not can_pair(unet, controlnet):
+            raise ValueError("the ControlNet's encoder does not have the UNet encoder's layout: cannot pair them")
+        self.unet, self.controlnet = unet, controlnet
+        stack = _Stack(self)
+
+        def config_of(conv):
+            return conv_config(twin_shape(conv, input_shapes[conv]))
+
+        self.layers = nn.ModuleList()  # in execution order, with a tag saying what each one is
+        self.plan: list[str] = []
+        u_transformers = [t for t in _transformers_of(unet) if t not in _transformers_of_up(unet)]
+        c_transformers = _transformers_of(controlnet)
+        pairs_t = dict(zip(map(id, u_transformers), c_transformers))
+        for bu, bc in zip(unet.down_blocks, controlnet.down_blocks):
+            attns_u = getattr(bu, "attentions", None) or [None] * len(bu.resnets)
+            for ru, rc, au in zip(bu.resnets, bc.resnets, attns_u):
+                self._add("resnet", _TwinResnet((ru, rc), stack, config_of))
+                if au is not None:
+                    self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
+                self.plan.append("state")
+            for du, dc in zip(bu.downsamplers or [], bc.downsamplers or []):
+                self._add("down", _TwinConv((du.conv, dc.conv), stack, config_of(du.conv)))
+                self.plan.append("state")
+        mu, mc = unet.mid_block, controlnet.mid_block
+        self._add("resnet", _TwinResnet((mu.resnets[0], mc.resnets[0]), stack, config_of))
+        for au, ru, rc in zip(mu.attentions, mu.resnets[1:], mc.resnets[1:]):
+            self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
+            self._add("resnet", _TwinResnet((ru, rc), stack, config_of))
+        self.slices: list[tuple[int, int]] = []
+        self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
+
+    def _add(self, tag: str, layer: nn.Module) -> None:
+        self.layers.append(layer)
+        self.plan.append(tag)
+
+    def forward(self, x, hint_features, temb, kv: list[torch.Tensor], scales):
+        dtype = self.unet.conv_in.weight.dtype
+        x16 = x.to(dtype)
+        hu = self.unet.conv_in(x16)
+        hc = self.controlnet.conv_in(x16) + hint_features
+        h = torch.cat([hu, hu, hc, hc])
+        states = [h]
+        layers = iter(self.layers)
+        ts = iter(self.slices)
+        per_block = iter([kv[i:i + 2 * len(t.blocks)] for i, t in self._kv_offsets()])
+        for tag in self.plan:
+            if tag == "state":
+                states.append(h)
+            elif tag == "resnet":
+                s = next(ts)
+                h = next(layers)(h, temb[:, s[0]:s[1]])
+            elif tag == "transformer":
+                h = next(layers)(h, next(per_block))
+            else:
+                h = next(layers)(h)
+        b2 = x.shape[0] * 2
+        skips = [s[:b2] for s in states]
+        cn_states = [s[b2:] for s in states]
+        net = self.controlnet
+        outs = [zc(r) for r, zc in zip(cn_states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h[b2:])]
+        row = scales.to(dtype).repeat_interleave(x.shape[0], dim=0)  # (2B, 13): cond rows then uncond rows
+        controls = [o * row[:, i].reshape(-1, 1, 1, 1) for i, o in enumerate(outs)]
+        return h[:b2], skips, controls
+
+    def _kv_offsets(self) -> list[tuple[int, "_TwinTransformer"]]:
+        out, i = [], 0
+        for layer in self.layers:
+            if isinstance(layer, _TwinTransformer):
+                out.append((i, layer))
+                i += 2 * len(layer.blocks)
+        return out
+
+
+def twin_shape(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> ConvShape:
+    """The grouped shape a UNet-encoder convolution runs at in the twin (its input shape recorded at batch 2B)."""
+    n, c, h, w = input_shape
+    return ConvShape(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], GROUPS)
+
+
+def encoder_convolutions(unet) -> list[nn.Conv2d]:
+    """The kxk convolutions the twin runs in pairs (resnets' conv1/conv2 and downsamplers of the UNet encoder)."""
+    return [m for block in list(unet.down_blocks) + [unet.mid_block] for m in block.modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def twin_kv(unet_kv: list[torch.Tensor], controlnet_kv: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-prompt cross-attention K/V of the two networks, stacked along the batch (UNet first)."""
+    return [torch.cat([u, c]).contiguous() for u, c in zip(unet_kv, controlnet_kv)]
