@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import conv_tuning
+from engines.torch_fast import conv_tuning, triton_conv
 from engines.torch_fast.gemm_conv import gemm_conv2d
 from engines.torch_fast.runner import build_fast_engines
 from models.loader import load_bundle
@@ -82,7 +82,7 @@ def time_conv(key, variants: dict) -> dict:
     ws = [torch.randn(cout, cin, k, k, device=dev, dtype=torch.half).to(memory_format=torch.channels_last) * 0.02
           for _ in range(ROTATE)]
     bs = [torch.randn(cout, device=dev, dtype=torch.half) for _ in range(ROTATE)]
-    mats = [w.permute(2, 3, 1, 0).reshape(-1, cout).contiguous() for w in ws]
+    mats = [triton_conv.weight_matrix(w) for w in ws]
     oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     cols = [torch.randn(n * oh * ow, k * k * cin, device=dev, dtype=torch.half) for _ in range(ROTATE)]
     ref = F.conv2d(xs[0], ws[0], bs[0], s, p).float()

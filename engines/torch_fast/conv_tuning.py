@@ -44,6 +44,12 @@ class ConvShape:
     padding: int
     groups: int = 1
 
+    @classmethod
+    def of(cls, conv, input_shape: tuple[int, ...], groups: int = 1) -> "ConvShape":
+        """The shape a square-kernel nn.Conv2d runs at, from its recorded input shape (N, C, H, W)."""
+        n, c, h, w = input_shape
+        return cls(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], groups)
+
     @property
     def key(self) -> str:
         key = f"{self.n}x{self.c}x{self.h}x{self.w}->{self.cout} k{self.kernel} s{self.stride} p{self.padding}"
@@ -125,7 +131,7 @@ def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool
     ws = [(torch.randn(g, s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
           for _ in range(_ROTATE)]
     bs = [torch.randn(g, s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
-    mats = [w.permute(0, 3, 4, 2, 1).reshape(g, -1, s.cout).contiguous() for w in ws]
+    mats = [triton_conv.weight_matrix(w) for w in ws]
     if g == 1:
         mats, bs = [m[0] for m in mats], [b[0] for b in bs]
 

@@ -24,8 +24,7 @@ from engines.torch_fast.triton_conv import ConvConfig
 
 
 def _weight_matrix(conv: nn.Conv2d) -> nn.Parameter:
-    w = conv.weight.detach()  # (Cout, Cin, kh, kw)
-    return nn.Parameter(w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous(), requires_grad=False)
+    return nn.Parameter(triton_conv.weight_matrix(conv.weight.detach()), requires_grad=False)
 
 
 def _check_plain(conv: nn.Conv2d) -> None:

@@ -27,7 +27,8 @@ from engines.torch_fast import conv_tuning
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
                                           record_input_sizes)
-from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, twin_kv, twin_shape
+from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
+from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, twin_kv
 from engines.torch_fast.parts import ControlBranch, UNetDecoder, UNetEncoder, cross_attention_kv, time_table
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
@@ -120,11 +121,14 @@ class FastStepRunner:
     def prepare(self, context, hint_features, guidance_scale, control_scales) -> None:
         if context is not self._context:  # the prompt cache hands back the same tensor for the same prompts
             ctx = context.to(self.device, self.dtype)
-            self.cn_kv = _copy_into(self.cn_kv, cross_attention_kv(self.cn.transformers, ctx))
-            self.enc_kv = _copy_into(self.enc_kv, cross_attention_kv(self.enc.transformers, ctx))
+            cn_kv = cross_attention_kv(self.cn.transformers, ctx)
+            enc_kv = cross_attention_kv(self.enc.transformers, ctx)
+            if self.twin is not None:  # the twin reads only the stacked copy
+                self.twin_kv = _copy_into(self.twin_kv, twin_kv(enc_kv, cn_kv))
+            else:
+                self.cn_kv = _copy_into(self.cn_kv, cn_kv)
+                self.enc_kv = _copy_into(self.enc_kv, enc_kv)
             self.dec_kv = _copy_into(self.dec_kv, cross_attention_kv(self.dec.transformers, ctx))
-            if self.twin is not None:
-                self.twin_kv = _copy_into(self.twin_kv, twin_kv(self.enc_kv, self.cn_kv))
             self._context = context
         gs = torch.tensor([float(guidance_scale)], dtype=torch.float32)
         (self.hint_features, self.guidance_scale, self.control_scales) = _copy_into(
@@ -168,11 +172,6 @@ class ConvKernels(str, enum.Enum):
         return parse_choice(cls, value, "convolution kernels (CNRT_CONV)")
 
 
-def _conv_shape(conv, shape: tuple[int, ...]) -> ConvShape:
-    n, c, h, w = shape
-    return ConvShape(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
-
-
 def _tuning_table(shapes: list[ConvShape], compiler: PartCompiler) -> TuningTable:
     path = compiler.artifact_dir / conv_tuning.TABLE_FILE
     if compiler.manifest.is_fresh(compiler.artifact_dir, compiler.key, ["conv-tuning"]):
@@ -209,9 +208,9 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     paired = set(encoder_convolutions(bundle.unet)) if twin else set()
     table = None
     if kernels is ConvKernels.TUNED:
-        shapes = [_conv_shape(c, s) for c, s in sizes.items()
+        shapes = [ConvShape.of(c, s) for c, s in sizes.items()
                   if is_wide(c) and c.kernel_size != (1, 1) and c not in paired]
-        shapes += [twin_shape(c, sizes[c]) for c in paired if is_wide(c)]
+        shapes += [ConvShape.of(c, sizes[c], TWIN_GROUPS) for c in paired if is_wide(c)]
         table = _tuning_table(shapes, compiler)
         _log(table.summary())
 
@@ -226,7 +225,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     def replacement(conv, shape):
         swapped = pointwise_as_matmul(conv, shape)
         if swapped is None and is_wide(conv):
-            config = triton_config(_conv_shape(conv, shape))
+            config = triton_config(ConvShape.of(conv, shape))
             if config is not None:
                 swapped = TritonConv2d(conv, config)
         return swapped

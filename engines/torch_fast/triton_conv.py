@@ -5,10 +5,10 @@ Why: at 256x384 the step's 3x3 convolutions are GEMMs of M = 48..3072 rows (pixe
 of the SMs; im2col + cuBLAS was faster per layer but its gather costs a kernel and a round trip per convolution
 (bench/NOTES.md). This kernel gathers the im2col tile straight from the NHWC map (one 3x3 tap and BLOCK_K
 channels per K step, zero outside the map), so it needs no extra memory pass, and it splits K across programs for
-the skinny shapes. Per-shape block sizes and split come from `tuning.py`, measured once on the GPU at build time.
+the skinny shapes. Per-shape block sizes and split come from `conv_tuning.py`, measured once on the GPU at build
+time.
 
-Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight as (kh*kw*Cin, Cout) rows in
-(kernel row, kernel column, input channel) order, as `gemm_conv.GemmConv2d` stores it.
+Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight as `weight_matrix` lays it out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch backend then keeps cuDNN / im2col + GEMM
+except ImportError:  # CPU-only installs: the torch backend then keeps cuDNN
     triton = tl = None
 
 
@@ -83,6 +83,15 @@ if triton is not None:
             acc += tl.load(bias_ptr + group * COUT + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + (pid_k * GROUPS * M + group * M + offs_m[:, None]) * COUT + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weights (..., Cout, Cin, kh, kw) -> (..., kh*kw*Cin, Cout), rows in (kernel row, kernel column, input
+    channel) order: the layout this kernel (and `gemm_conv.gemm_conv2d`) reads."""
+    *lead, cout, cin, kh, kw = weight.shape
+    n = len(lead)
+    order = (*range(n), n + 2, n + 3, n + 1, n)
+    return weight.permute(order).reshape(*lead, kh * kw * cin, cout).contiguous()
 
 
 def output_size(h: int, w: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:

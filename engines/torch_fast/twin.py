@@ -21,7 +21,8 @@ from torch import nn
 
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
-from engines.torch_fast.parts import _heads, _merge_heads, _resnets_of, _transformers_of, _transformers_of_up
+from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
+                                      _transformers_of_up)
 from engines.torch_fast.triton_conv import ConvConfig
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
@@ -49,12 +50,6 @@ class _Stack:
         self.count += 1
         self.owner.register_buffer(name, value, persistent=False)
         return getattr(self.owner, name)
-
-
-def _matrix(conv: nn.Conv2d) -> torch.Tensor:
-    """Conv weight (Cout, Cin, kh, kw) -> (kh*kw*Cin, Cout), rows in (kernel row, kernel column, channel) order."""
-    w = conv.weight
-    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
 
 
 class _TwinNorm(nn.Module):
@@ -107,7 +102,7 @@ class _TwinConv(nn.Module):
         self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         self.config = config
         if config is not None:
-            self.weight = stack(pair, _matrix)
+            self.weight = stack(pair, lambda m: triton_conv.weight_matrix(m.weight))
         else:
             self.weight = stack(pair, lambda m: m.weight)
         self.bias = stack(pair, lambda m: m.bias)
@@ -218,7 +213,7 @@ class TwinEncoder(nn.Module):
         stack = _Stack(self)
 
         def config_of(conv):
-            return conv_config(twin_shape(conv, input_shapes[conv]))
+            return conv_config(ConvShape.of(conv, input_shapes[conv], GROUPS))
 
         self.layers = nn.ModuleList()  # in execution order, with a tag saying what each one is
         self.plan: list[str] = []
@@ -240,6 +235,7 @@ class TwinEncoder(nn.Module):
         for au, ru, rc in zip(mu.attentions, mu.resnets[1:], mc.resnets[1:]):
             self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
             self._add("resnet", _TwinResnet((ru, rc), stack, config_of))
+        self.kv_counts = _kv_counts(u_transformers)
         self.slices: list[tuple[int, int]] = []
         self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
 
@@ -256,7 +252,7 @@ class TwinEncoder(nn.Module):
         states = [h]
         layers = iter(self.layers)
         ts = iter(self.slices)
-        per_block = iter([kv[i:i + 2 * len(t.blocks)] for i, t in self._kv_offsets()])
+        per_block = iter(_split(kv, self.kv_counts))
         for tag in self.plan:
             if tag == "state":
                 states.append(h)
@@ -275,21 +271,6 @@ class TwinEncoder(nn.Module):
         row = scales.to(dtype).repeat_interleave(x.shape[0], dim=0)  # (2B, 13): cond rows then uncond rows
         controls = [o * row[:, i].reshape(-1, 1, 1, 1) for i, o in enumerate(outs)]
         return h[:b2], skips, controls
-
-    def _kv_offsets(self) -> list[tuple[int, "_TwinTransformer"]]:
-        out, i = [], 0
-        for layer in self.layers:
-            if isinstance(layer, _TwinTransformer):
-                out.append((i, layer))
-                i += 2 * len(layer.blocks)
-        return out
-
-
-def twin_shape(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> ConvShape:
-    """The grouped shape a UNet-encoder convolution runs at in the twin (its input shape recorded at batch 2B)."""
-    n, c, h, w = input_shape
-    return ConvShape(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], GROUPS)
-
 
 def encoder_convolutions(unet) -> list[nn.Conv2d]:
     """The kxk convolutions the twin runs in pairs (resnets' conv1/conv2 and downsamplers of the UNet encoder)."""
