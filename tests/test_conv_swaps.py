@@ -15,6 +15,7 @@ from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvChoice, TuningTable
 from engines.torch_fast.gemm_conv import GemmConv2d, TritonConv2d, is_wide, pointwise_as_matmul
 from engines.torch_fast.triton_conv import ConvConfig, candidate_configs
+from tests.triton_interpreter import run_interpreted
 
 CASES = [  # (Cin, Cout, kernel, stride, padding, bias, H, W)
     (64, 48, 3, 1, 1, True, 5, 7),
@@ -43,13 +44,6 @@ INTERPRETED_CHECK = r"""
 import sys
 import torch, torch.nn.functional as F
 from torch import nn
-import triton.runtime.interpreter as interpreter
-
-original = interpreter._patch_lang_tensor
-def patched(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-element arrays; numpy >= 2.4 refuses
-    original(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interpreter._patch_lang_tensor = patched
 
 from engines.torch_fast.gemm_conv import TritonConv2d
 from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc
@@ -78,21 +72,10 @@ print(((got - ref).norm() / ref.norm()).item())
 @pytest.mark.parametrize("cin,cout,k,s,p,bias,h,w", [c for c in CASES if c[2] == 3])
 @pytest.mark.parametrize("split,groups", [(1, 1), (3, 1), (1, 2), (3, 2)])
 def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, split, groups):
-    """The kernel's indexing (taps, halo, stride, split-K, bias), run on the CPU by Triton's interpreter, which
-    must be switched on before triton is imported: hence a subprocess."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    """The kernel's indexing (taps, halo, stride, split-K, bias), run on the CPU by Triton's interpreter."""
     args = [str(int(v)) for v in (cin, cout, k, s, p, bias, h, w, split, groups)]
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.strip().splitlines()[-1]) < 2e-3
+    out = run_interpreted(INTERPRETED_CHECK, args)
+    assert float(out.strip().splitlines()[-1]) < 2e-3
 
 
 def test_triton_conv_rejects_configs_that_do_not_divide_k():

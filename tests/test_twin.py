@@ -19,7 +19,7 @@ def test_twin_step_equals_two_part_step(tiny_bundle, tmp_path, k):
     device = torch.device("cpu")
     compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
     bundle = copy.deepcopy(tiny_bundle)
-    twin = _prepare_step_layers(bundle, profile, device, compiler, ConvKernels.CUDNN, StepLayout.TWIN)
+    twin = _prepare_step_layers(bundle, profile, device, compiler, ConvKernels.CUDNN, StepLayout.TWIN).twin
     assert isinstance(twin, TwinEncoder)
     g = torch.Generator().manual_seed(k)
     b, c, h, w = profile.latent_shape

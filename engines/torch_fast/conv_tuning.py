@@ -32,7 +32,8 @@ _REPEAT = 4
 @dataclass(frozen=True)
 class ConvShape:
     """One 3x3 (or kxk) convolution of the step: input (N, C, H, W) -> Cout, square kernel, stride, padding;
-    groups > 1: that many independent convolutions (own weights) over N images each, in one launch."""
+    groups > 1: that many independent convolutions (own weights) over N images each, in one launch;
+    shortcut > 0: plus a 1x1 convolution of a second input with that many channels (a fused ResNet conv2)."""
 
     n: int
     c: int
@@ -43,17 +44,21 @@ class ConvShape:
     stride: int
     padding: int
     groups: int = 1
+    shortcut: int = 0
 
     @classmethod
-    def of(cls, conv, input_shape: tuple[int, ...], groups: int = 1) -> "ConvShape":
+    def of(cls, conv, input_shape: tuple[int, ...], groups: int = 1, shortcut: int = 0) -> "ConvShape":
         """The shape a square-kernel nn.Conv2d runs at, from its recorded input shape (N, C, H, W)."""
         n, c, h, w = input_shape
-        return cls(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], groups)
+        return cls(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], groups,
+                   shortcut)
 
     @property
     def key(self) -> str:
         key = f"{self.n}x{self.c}x{self.h}x{self.w}->{self.cout} k{self.kernel} s{self.stride} p{self.padding}"
-        return key if self.groups == 1 else f"{key} g{self.groups}"
+        if self.groups != 1:
+            key += f" g{self.groups}"
+        return key if not self.shortcut else f"{key} +1x1({self.shortcut})"
 
 
 @dataclass
@@ -131,25 +136,35 @@ def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool
     ws = [(torch.randn(g, s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
           for _ in range(_ROTATE)]
     bs = [torch.randn(g, s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
-    mats = [triton_conv.weight_matrix(w) for w in ws]
+    oh, ow = triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)
+    x2s, w2s = [None] * _ROTATE, [None] * _ROTATE
+    if s.shortcut:
+        x2s = [torch.randn(g * s.n, s.shortcut, oh, ow, device=dev, dtype=dtype, generator=gen)
+               .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
+        w2s = [torch.randn(g, s.cout, s.shortcut, 1, 1, device=dev, dtype=dtype, generator=gen) * 0.02
+               for _ in range(_ROTATE)]
+    mats = [triton_conv.weight_matrix(w, w2) for w, w2 in zip(ws, w2s)]
     if g == 1:
         mats, bs = [m[0] for m in mats], [b[0] for b in bs]
 
     def cudnn(i):  # with groups: one cuDNN call per group and a concatenation, as the fallback runs them
-        if g == 1:
-            return F.conv2d(xs[i], ws[i][0], bs[i], s.stride, s.padding)
-        return torch.cat([F.conv2d(x, w, b, s.stride, s.padding) for x, w, b in zip(xs[i].chunk(g), ws[i], bs[i])])
+        outs = []
+        for j, (x, b) in enumerate(zip(xs[i].chunk(g), bs[i].reshape(g, -1))):
+            y = F.conv2d(x, ws[i][j], b, s.stride, s.padding)
+            if s.shortcut:  # unfused: the 1x1 shortcut as its own convolution, then the add
+                y = y + F.conv2d(x2s[i].chunk(g)[j], w2s[i][j])
+            outs.append(y)
+        return outs[0] if g == 1 else torch.cat(outs)
 
     cudnn_us = graph_time_us(lambda i: lambda: cudnn(i))
     best = ConvChoice("cudnn", None, cudnn_us, cudnn_us)
     if not triton_conv.available():
         return best
     ref = cudnn(0).float() if check else None
-    oh, ow = triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)
-    for cfg in triton_conv.candidate_configs(g * s.n * oh * ow, s.cout, s.c, s.kernel):
+    for cfg in triton_conv.candidate_configs(g * s.n * oh * ow, s.cout, s.c, s.kernel, s.shortcut):
         def run(i, cfg=cfg):
             return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg,
-                                                   groups=g)
+                                                   groups=g, shortcut=x2s[i])
 
         if ref is not None:
             got = run(0)().float()

@@ -208,11 +208,16 @@ def _transformers_of_up(unet) -> list:
 
 
 class UNetDecoder(nn.Module):
-    """UNet up path with the control residuals, then CFG and the DDIM update -> x_prev (B,4,h,w) fp32."""
+    """UNet up path with the control residuals, then CFG and the DDIM update -> x_prev (B,4,h,w) fp32.
 
-    def __init__(self, unet):
+    fused: resnet index (in up-path order) -> a module computing that block as fused_resnet.FusedResnet does
+    (called with conv1.bias + time embedding); the others run as diffusers' blocks."""
+
+    def __init__(self, unet, fused: "dict[int, nn.Module] | None" = None):
         super().__init__()
         self.net = unet
+        self.fused = nn.ModuleDict({str(i): m for i, m in (fused or {}).items()})
+        self.fused_indices = frozenset((fused or {}).keys())
         self.transformers = _transformers_of_up(unet)
         self.qkv = _FusedQKV(self.transformers)
         self.resnets = _resnets_of(list(unet.up_blocks))
@@ -226,13 +231,16 @@ class UNetDecoder(nn.Module):
         skips = [s + c for s, c in zip(skips, controls[:-1])]
         kvs = iter(_split(kv, self.kv_counts))
         tis = iter(range(len(self.kv_counts)))
-        ts = iter(self.slices)
+        ts = iter(enumerate(self.slices))
         for block in net.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for resnet, attn in zip(block.resnets, attns):
                 h = torch.cat([h, skips.pop()], dim=1)
-                s = next(ts)
-                h = _resnet(resnet, h, temb[s[0]:s[1]])
+                i, s = next(ts)
+                if i in self.fused_indices:
+                    h = self.fused[str(i)](h, temb[s[0]:s[1]])
+                else:
+                    h = _resnet(resnet, h, temb[s[0]:s[1]])
                 if attn is not None:
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:

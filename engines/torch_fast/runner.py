@@ -16,6 +16,7 @@ import enum
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,11 +26,13 @@ from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
 from engines.torch_fast import conv_tuning
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
+from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
                                           record_input_sizes)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
 from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, twin_kv
-from engines.torch_fast.parts import ControlBranch, UNetDecoder, UNetEncoder, cross_attention_kv, time_table
+from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _resnets_of, cross_attention_kv,
+                                      time_table)
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
 from profiles.config import Profile, parse_choice
@@ -46,21 +49,27 @@ def _copy_into(buffers: "list[torch.Tensor] | None", values: list[torch.Tensor])
 
 class FastStepRunner:
     """twin: a TwinEncoder runs the UNet encoder and the ControlNet as one batched part (one stream); without it
-    they are two parts on two streams."""
+    they are two parts on two streams. fused_decoder: the decoder's FusedResnets by resnet index; folded: every
+    diffusers ResNet block whose conv1.bias the time tables carry (the fused ones, twin's included)."""
 
     def __init__(self, bundle: ModelBundle, profile: Profile, device: torch.device, compiler: PartCompiler,
-                 twin: "TwinEncoder | None" = None):
+                 twin: "TwinEncoder | None" = None, fused_decoder: "dict[int, FusedResnet] | None" = None,
+                 folded: frozenset = frozenset()):
         self.device = device
         self.profile = profile
         self.dtype = next(bundle.unet.parameters()).dtype
         self.cn = ControlBranch(bundle.controlnet)
         self.enc = UNetEncoder(bundle.unet)
-        self.dec = UNetDecoder(bundle.unet)
+        self.dec = UNetDecoder(bundle.unet, fused_decoder)
         tables = make_ddim_tables(profile.ddim_steps).to(device)
         self.coeffs = tables.coeffs
         self.cn_temb, self.cn.slices = time_table(bundle.controlnet, self.cn.resnets, tables.timesteps)
         self.enc_temb, self.enc.slices = time_table(bundle.unet, self.enc.resnets, tables.timesteps)
         self.dec_temb, self.dec.slices = time_table(bundle.unet, self.dec.resnets, tables.timesteps)
+        if folded:
+            self.cn_temb = fold_conv1_bias(self.cn_temb, self.cn.slices, self.cn.resnets, folded)
+            self.enc_temb = fold_conv1_bias(self.enc_temb, self.enc.slices, self.enc.resnets, folded)
+            self.dec_temb = fold_conv1_bias(self.dec_temb, self.dec.slices, self.dec.resnets, folded)
         self.twin = twin
         if twin is not None:
             twin.slices = self.enc.slices
@@ -195,22 +204,44 @@ class StepLayout(str, enum.Enum):
         return parse_choice(cls, value, "step layout (CNRT_STEP)")
 
 
+@dataclass
+class StepLayers:
+    """What _prepare_step_layers built for the FastStepRunner."""
+
+    twin: "TwinEncoder | None" = None
+    fused_decoder: dict = field(default_factory=dict)  # up-path resnet index -> FusedResnet
+    folded: frozenset = frozenset()  # blocks whose conv1.bias the time tables carry
+
+
 def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.device, compiler: PartCompiler,
-                         kernels: ConvKernels, layout: StepLayout) -> "TwinEncoder | None":
+                         kernels: ConvKernels, layout: StepLayout, fuse: bool = False) -> StepLayers:
     """Swap the step's convolutions for faster kernels (1x1 by matmuls; kxk by the Triton kernel where the tuning
-    table says so) and build the TwinEncoder if asked. Input sizes come from one eager step of the plain parts."""
+    table says so), build the TwinEncoder if asked, and (fuse) run ResNet blocks whose convolutions are both on
+    Triton as FusedResnets. Input sizes come from one eager step of the plain parts."""
     eager = FastStepRunner(bundle, profile, device, PartCompiler(CompileMode.EAGER, compiler.artifact_dir, {}))
     sizes = record_input_sizes([bundle.unet, bundle.controlnet], eager.warm_up)
     del eager
     twin = layout is StepLayout.TWIN and can_pair(bundle.unet, bundle.controlnet)
     if layout is StepLayout.TWIN and not twin:
         _log("the ControlNet's encoder does not match the UNet's: running them on two streams instead")
+    fuse = fuse and kernels is ConvKernels.TUNED
     paired = set(encoder_convolutions(bundle.unet)) if twin else set()
+    unused = set(encoder_convolutions(bundle.controlnet)) if twin else set()  # the twin runs them as pairs
+    decoder_blocks = UNetDecoder(bundle.unet).resnets
+    fusable = {b for b in decoder_blocks if can_fuse(b)} if fuse else set()
+    if fuse and twin:
+        fusable |= {b for b in _resnets_of(list(bundle.unet.down_blocks) + [bundle.unet.mid_block]) if can_fuse(b)}
+    fused_conv2 = {b.conv2: b for b in fusable}
     table = None
     if kernels is ConvKernels.TUNED:
-        shapes = [ConvShape.of(c, s) for c, s in sizes.items()
-                  if is_wide(c) and c.kernel_size != (1, 1) and c not in paired]
-        shapes += [ConvShape.of(c, sizes[c], TWIN_GROUPS) for c in paired if is_wide(c)]
+        shapes = []
+        for c, s in sizes.items():
+            if not is_wide(c) or c.kernel_size == (1, 1) or c in unused:
+                continue
+            groups = TWIN_GROUPS if c in paired else 1
+            block = fused_conv2.get(c)  # a fused block's conv2 is tuned with its shortcut
+            shapes.append(fused_conv2_shape(block, sizes, groups) if block is not None
+                          else ConvShape.of(c, s, groups))
         table = _tuning_table(shapes, compiler)
         _log(table.summary())
 
@@ -218,11 +249,26 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         choice = None if table is None else table.choices.get(shape.key)
         return choice.config if choice is not None and choice.backend == "triton" else None
 
-    encoder = None
+    layers = StepLayers()
+    folded = set()
     if twin:  # built from the unswapped layers; its own stacked weights from here on
-        encoder = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config)
+        layers.twin = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config, fuse_resnets=fuse)
+        folded |= layers.twin.fused_blocks
+    for i, block in enumerate(decoder_blocks):
+        if block in fusable:
+            conv1 = triton_config(ConvShape.of(block.conv1, sizes[block.conv1]))
+            conv2 = triton_config(fused_conv2_shape(block, sizes))
+            if conv1 is not None and conv2 is not None:
+                layers.fused_decoder[i] = FusedResnet((block,), conv1, conv2)
+                folded.add(block)
+    if fuse:
+        _log(f"{len(folded)} ResNet blocks fused ({len(layers.fused_decoder)} in the decoder)")
+    layers.folded = frozenset(folded)
+    fused_convs = {c for b in folded for c in (b.conv1, b.conv2, b.conv_shortcut) if c is not None}
 
     def replacement(conv, shape):
+        if conv in fused_convs:  # never called again: keep the original, no converted copy
+            return None
         swapped = pointwise_as_matmul(conv, shape)
         if swapped is None and is_wide(conv):
             config = triton_config(ConvShape.of(conv, shape))
@@ -233,7 +279,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     if kernels is not ConvKernels.CUDNN:
         n = convert_convolutions([bundle.unet, bundle.controlnet], sizes, replacement)
         _log(f"{n} convolutions swapped ({kernels.value})")
-    return encoder
+    return layers
 
 
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
@@ -247,13 +293,15 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     cuda = device.type == "cuda"
     kernels = ConvKernels.parse(os.environ.get("CNRT_CONV", "tuned")) if cuda else ConvKernels.CUDNN
     layout = StepLayout.parse(os.environ.get("CNRT_STEP", "twin"))
+    fuse = cuda and os.environ.get("CNRT_FUSE", "1") != "0"
     key = artifact_key(profile.name, bundle.weights_id, device)
-    key.update(conv_kernels=kernels.value, step_layout=layout.value)
+    key.update(conv_kernels=kernels.value, step_layout=layout.value, fused_resnets=fuse)
     compiler = PartCompiler(mode, artifact_dir, key)
-    twin = None
+    layers = StepLayers()
     if kernels is not ConvKernels.CUDNN or layout is StepLayout.TWIN:
-        twin = _prepare_step_layers(bundle, profile, device, compiler, kernels, layout)
-    step = FastStepRunner(bundle, profile, device, compiler, twin)
+        layers = _prepare_step_layers(bundle, profile, device, compiler, kernels, layout, fuse)
+    twin = layers.twin
+    step = FastStepRunner(bundle, profile, device, compiler, twin, layers.fused_decoder, layers.folded)
     b, c, h, w = profile.latent_shape
     decoder = LatentDecoder(bundle.vae)
     latent = torch.randn(b, c, h, w, device=device)

@@ -44,9 +44,10 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr,
-                          H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT, SPLIT, GROUPS,
+    def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x2_ptr, res_ptr,
+                          H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT, SPLIT, GROUPS, C2, BIAS_STRIDE,
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -54,7 +55,7 @@ if triton is not None:
         group = pid_z // SPLIT  # groups: independent convolutions (own images, weights, bias) in one launch
         pid_k = pid_z - group * SPLIT
         x_group = x_ptr + group * (M // OHW) * H * W * C
-        w_group = w_ptr + group * KSIZE * KSIZE * C * COUT
+        w_group = w_ptr + group * (KSIZE * KSIZE * C + C2) * COUT
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -65,9 +66,11 @@ if triton is not None:
         row_ok = offs_m < M
         col_ok = offs_n < COUT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_main = KSIZE * KSIZE * C // BLOCK_K  # K steps of the convolution proper; the shortcut's follow
         k_begin = pid_k * K_STEPS_PER_SPLIT
-        for i in range(0, K_STEPS_PER_SPLIT):
-            k0 = (k_begin + i) * BLOCK_K
+        k_end = k_begin + K_STEPS_PER_SPLIT
+        for kk in range(k_begin, tl.minimum(k_end, k_main)):
+            k0 = kk * BLOCK_K
             tap = k0 // C  # one (ky, kx) tap per K step: C is a multiple of BLOCK_K
             c0 = k0 - tap * C
             ky = tap // KSIZE
@@ -79,75 +82,113 @@ if triton is not None:
             a = tl.load(x_group + pixel[:, None] * C + (c0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
             b = tl.load(w_group + (k0 + offs_k)[:, None] * COUT + offs_n[None, :], mask=col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
+        if HAS_SHORTCUT:  # a 1x1 convolution of x2 (same pixels as the output, C2 channels): extra K rows
+            x2_group = x2_ptr + group * M * C2
+            for kk in range(tl.maximum(k_begin, k_main), k_end):
+                c0 = (kk - k_main) * BLOCK_K
+                a = tl.load(x2_group + offs_m[:, None] * C2 + (c0 + offs_k)[None, :], mask=row_ok[:, None],
+                            other=0.0)
+                b = tl.load(w_group + (kk * BLOCK_K + offs_k)[:, None] * COUT + offs_n[None, :],
+                            mask=col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + group * COUT + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + group * BIAS_STRIDE + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:  # + a tensor of the output's shape (the resnet's identity shortcut)
+            acc += tl.load(res_ptr + (group * M + offs_m[:, None]) * COUT + offs_n[None, :], mask=tile_ok,
+                           other=0.0).to(tl.float32)
         out = out_ptr + (pid_k * GROUPS * M + group * M + offs_m[:, None]) * COUT + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+def weight_matrix(weight: torch.Tensor, shortcut: "torch.Tensor | None" = None) -> torch.Tensor:
     """Conv weights (..., Cout, Cin, kh, kw) -> (..., kh*kw*Cin, Cout), rows in (kernel row, kernel column, input
-    channel) order: the layout this kernel (and `gemm_conv.gemm_conv2d`) reads."""
+    channel) order: the layout this kernel (and `gemm_conv.gemm_conv2d`) reads. With a 1x1 shortcut convolution's
+    weights (..., Cout, C2, 1, 1), its C2 rows follow."""
     *lead, cout, cin, kh, kw = weight.shape
     n = len(lead)
     order = (*range(n), n + 2, n + 3, n + 1, n)
-    return weight.permute(order).reshape(*lead, kh * kw * cin, cout).contiguous()
+    rows = weight.permute(order).reshape(*lead, kh * kw * cin, cout)
+    if shortcut is not None:
+        rows = torch.cat([rows, shortcut.reshape(*lead, cout, -1).transpose(-1, -2)], dim=-2)
+    return rows.contiguous()
 
 
 def output_size(h: int, w: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
 
 
-def supports(in_channels: int, kernel_size: int, cfg: ConvConfig) -> bool:
-    k_steps = kernel_size * kernel_size * in_channels // cfg.block_k
-    return in_channels % cfg.block_k == 0 and k_steps % cfg.split_k == 0
+def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_channels: int = 0) -> bool:
+    k_steps = (kernel_size * kernel_size * in_channels + shortcut_channels) // cfg.block_k
+    return in_channels % cfg.block_k == 0 and shortcut_channels % cfg.block_k == 0 and k_steps % cfg.split_k == 0
 
 
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
-                padding: int, cfg: ConvConfig, groups: int = 1) -> torch.Tensor:
+                padding: int, cfg: ConvConfig, groups: int = 1, shortcut: "torch.Tensor | None" = None,
+                residual: "torch.Tensor | None" = None) -> torch.Tensor:
     """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
 
     groups > 1 runs that many independent convolutions in one launch: images [g*N/groups, (g+1)*N/groups) use
-    weight[g] (groups, kh*kw*Cin, Cout) and bias[g] (groups, Cout). With split_k > 1 the programs write fp32
-    partial sums (split_k, M, Cout) that one reduction adds up (with the bias); under torch.compile that reduction
-    fuses into whatever consumes the output.
+    weight[g] (groups, kh*kw*Cin, Cout) and bias[g] (groups, Cout; rows may be strided). With split_k > 1 the
+    programs write fp32 partial sums (split_k, M, Cout) that one reduction adds up (with the bias); under
+    torch.compile that reduction fuses into whatever consumes the output.
+
+    The two fusions a ResNet block's second convolution needs, so it is one kernel:
+    - shortcut (N, C2, OH, OW), channels_last: adds the 1x1 convolution of it, whose (C2, Cout) weight rows follow
+      the kxk rows in `weight` (see `weight_matrix(..., shortcut=)`), as extra K steps of the same GEMM;
+    - residual (N, Cout, OH, OW), channels_last: added to the output.
     """
     n, c, h, w = x.shape
     cout = weight.shape[-1]
-    if not supports(c, kernel_size, cfg):
-        raise ValueError(f"config {cfg} does not divide Cin={c}, kernel {kernel_size}")
+    c2 = 0 if shortcut is None else shortcut.shape[1]
+    if not supports(c, kernel_size, cfg, c2):
+        raise ValueError(f"config {cfg} does not divide Cin={c} (+ shortcut {c2}), kernel {kernel_size}")
+    if weight.shape[-2] != kernel_size * kernel_size * c + c2:
+        raise ValueError(f"weight has {weight.shape[-2]} rows, the convolution needs {kernel_size}^2*{c} + {c2}")
     if n % groups or (groups > 1 and (weight.dim() != 3 or weight.shape[0] != groups)):
         raise ValueError(f"{groups} groups need N divisible by them and weight (groups, K, Cout), got N={n}, "
                          f"weight {tuple(weight.shape)}")
     oh, ow = output_size(h, w, kernel_size, stride, padding)
+    for name, t, channels in (("shortcut", shortcut, c2), ("residual", residual, cout)):
+        if t is not None and tuple(t.shape) != (n, channels, oh, ow):
+            raise ValueError(f"{name} must be {(n, channels, oh, ow)}, got {tuple(t.shape)}")
     m = n // groups * oh * ow  # output rows per group
     x = x.contiguous(memory_format=torch.channels_last)
-    k_steps = kernel_size * kernel_size * c // cfg.block_k
+    if shortcut is not None:
+        shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
     split = cfg.split_k
-    fused_bias = bias is not None and split == 1
+    fused_epilogue = split == 1
+    has_bias = bias is not None and fused_epilogue
+    has_residual = residual is not None and fused_epilogue
+    bias_stride = 0
+    if bias is not None:
+        if bias.stride(-1) != 1:
+            bias = bias.contiguous()
+        bias_stride = bias.stride(0) if bias.dim() == 2 else 0
     out = torch.empty((split, groups * m, cout), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
-    # Without a fused bias the kernel never reads bias_ptr: pass the weight, not `out`, so no argument aliases
-    # the one the kernel writes.
-    _launch(x, weight, bias if fused_bias else weight, out, h, w, c, ow, oh * ow, cout, m, k_steps // split, split,
-            groups, stride, padding, kernel_size, fused_bias, cfg, grid)
+    # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph. Arguments the
+    # kernel never reads get the weight, not `out`, so no argument aliases the one it writes.
+    _conv_nhwc_kernel[grid](
+        x, weight, bias if has_bias else weight, out, weight if shortcut is None else shortcut,
+        residual if has_residual else weight,
+        h, w, c, ow, oh * ow, cout, m, k_steps // split, split, groups, c2, bias_stride,
+        STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias, HAS_SHORTCUT=shortcut is not None,
+        HAS_RESIDUAL=has_residual, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         result = out[0]
     else:
         total = out.sum(0)
         if bias is not None:
             total = (total.reshape(groups, m, cout) + bias.float().reshape(groups, 1, cout)).reshape(groups * m, cout)
+        if residual is not None:
+            total = total + residual.permute(0, 2, 3, 1).reshape(groups * m, cout).float()
         result = total.to(x.dtype)
     return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
-
-
-def _launch(x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, split, groups, stride, padding, kernel_size,
-            has_bias, cfg, grid) -> None:
-    # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph.
-    _conv_nhwc_kernel[grid](x, weight, bias, out, h, w, c, ow, ohw, cout, m, steps, split, groups,
-                 STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # (block_m, block_n, num_warps, num_stages) tried per shape; block_k is 64 (every wide Cin is a multiple of it).
@@ -155,19 +196,21 @@ _TILES = ((64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3), (128
           (128, 128, 4, 3), (64, 256, 8, 3))
 
 
-def candidate_configs(m: int, cout: int, in_channels: int, kernel_size: int) -> list[ConvConfig]:
+def candidate_configs(m: int, cout: int, in_channels: int, kernel_size: int, shortcut_channels: int = 0
+                      ) -> list[ConvConfig]:
     """The search space of one shape: the tiles above (128-row tiles only when M > 64; no tile wider than Cout)
-    x the K splits that divide the K steps, keep >= 8 steps per split and leave <= ~4 waves of programs."""
+    x no split, and the K splits that divide the K steps, keep >= 8 steps per split and leave <= ~4 waves of
+    programs."""
     out = []
     bk = 64
-    if in_channels % bk:
+    if in_channels % bk or shortcut_channels % bk:
         return out
-    k_steps = kernel_size * kernel_size * in_channels // bk
+    k_steps = (kernel_size * kernel_size * in_channels + shortcut_channels) // bk
     for bm, bn, warps, stages in _TILES:
         if (bm > 64 and m <= 64) or bn > max(cout, 64):
             continue
         tiles = -(-m // bm) * -(-cout // bn)
         for split in (1, 2, 3, 4, 6, 8, 12, 16):
-            if k_steps % split == 0 and k_steps // split >= 8 and tiles * split <= 4 * 132:
+            if split == 1 or (k_steps % split == 0 and k_steps // split >= 8 and tiles * split <= 4 * 132):
                 out.append(ConvConfig(bm, bn, bk, split, warps, stages))
     return out

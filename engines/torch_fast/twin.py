@@ -21,6 +21,7 @@ from torch import nn
 
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
+from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fused_conv2_shape
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
                                       _transformers_of_up)
 from engines.torch_fast.triton_conv import ConvConfig
@@ -201,11 +202,14 @@ class TwinEncoder(nn.Module):
     """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb rows (G, sum C), K/V list (G*2B, ...), scales (2,13) ->
     (UNet mid-block output, the UNet's 12 skip tensors, the ControlNet's 13 scaled residuals), all batch 2B.
 
-    conv_config(conv, input_shape) gives the Triton config for a pair of convolutions (None: conv2d per half).
+    conv_config(shape) gives the Triton config for a pair of convolutions (None: conv2d per half).
+    fuse_resnets: ResNet pairs whose convolutions both have configs run as `FusedResnet`. `fused_blocks` then
+    lists the diffusers blocks whose conv1.bias the time table must carry (fused_resnet.fold_conv1_bias).
     """
 
     def __init__(self, unet, controlnet, input_shapes: dict,
-                 conv_config: Callable[[ConvShape], "ConvConfig | None"] = lambda shape: None):
+                 conv_config: Callable[[ConvShape], "ConvConfig | None"] = lambda shape: None,
+                 fuse_resnets: bool = False):
         super().__init__()
         if not can_pair(unet, controlnet):
             raise ValueError("the ControlNet's encoder does not have the UNet encoder's layout: cannot pair them")
@@ -215,6 +219,18 @@ class TwinEncoder(nn.Module):
         def config_of(conv):
             return conv_config(ConvShape.of(conv, input_shapes[conv], GROUPS))
 
+        self.fused_blocks: set = set()
+
+        def resnet(pair):
+            if fuse_resnets and all(can_fuse(b) for b in pair):
+                first = pair[0]
+                conv1 = config_of(first.conv1)
+                conv2 = conv_config(fused_conv2_shape(first, input_shapes, GROUPS))
+                if conv1 is not None and conv2 is not None:
+                    self.fused_blocks.update(pair)
+                    return FusedResnet(pair, conv1, conv2)
+            return _TwinResnet(pair, stack, config_of)
+
         self.layers = nn.ModuleList()  # in execution order, with a tag saying what each one is
         self.plan: list[str] = []
         u_transformers = [t for t in _transformers_of(unet) if t not in _transformers_of_up(unet)]
@@ -223,7 +239,7 @@ class TwinEncoder(nn.Module):
         for bu, bc in zip(unet.down_blocks, controlnet.down_blocks):
             attns_u = getattr(bu, "attentions", None) or [None] * len(bu.resnets)
             for ru, rc, au in zip(bu.resnets, bc.resnets, attns_u):
-                self._add("resnet", _TwinResnet((ru, rc), stack, config_of))
+                self._add("resnet", resnet((ru, rc)))
                 if au is not None:
                     self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
                 self.plan.append("state")
@@ -231,10 +247,10 @@ class TwinEncoder(nn.Module):
                 self._add("down", _TwinConv((du.conv, dc.conv), stack, config_of(du.conv)))
                 self.plan.append("state")
         mu, mc = unet.mid_block, controlnet.mid_block
-        self._add("resnet", _TwinResnet((mu.resnets[0], mc.resnets[0]), stack, config_of))
+        self._add("resnet", resnet((mu.resnets[0], mc.resnets[0])))
         for au, ru, rc in zip(mu.attentions, mu.resnets[1:], mc.resnets[1:]):
             self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
-            self._add("resnet", _TwinResnet((ru, rc), stack, config_of))
+            self._add("resnet", resnet((ru, rc)))
         self.kv_counts = _kv_counts(u_transformers)
         self.slices: list[tuple[int, int]] = []
         self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
