@@ -21,16 +21,11 @@ from graph_capture import DenoiseLoop, GraphedFunction, nvtx_range
 from models import load_bundle
 from pipeline.preprocess import canny_hint, check_image, resized_shape
 from pipeline.prompts import PromptCache, positive_prompt
-from profiles.config import DEFAULT_PROFILE, Backend, Precision, Profile, get_profile
+from profiles.config import DEFAULT_PROFILE, Backend, Precision, Profile, env_flag, get_profile
 from profiles.errors import ControlNetRTError
 from scheduler.ddim import control_scales
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class RuntimeConfig:
         values = {k: v for k, v in env.items() if v}
         if "build_root" in values:
             values["build_root"] = Path(values["build_root"])
-        values["cuda_graphs"] = _env_flag("CNRT_CUDA_GRAPHS", True)
+        values["cuda_graphs"] = env_flag("CNRT_CUDA_GRAPHS", True)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -8,6 +8,7 @@ profile (and a rebuild), never a silent reshape.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 from profiles.errors import ControlNetRTError
@@ -15,6 +16,12 @@ from profiles.errors import ControlNetRTError
 LATENT_CHANNELS = 4
 VAE_SCALE = 8  # pixels per latent cell
 NUM_CONTROLS = 13  # 12 down residuals + 1 mid residual of the SD1.5 ControlNet
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean switch from the environment: unset gives the default; 0 / false / no / off / empty mean off."""
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def parse_choice(cls: type[enum.Enum], value, what: str):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
-from engines.torch_fast.fused_resnet import can_fuse, fold_conv1_bias, fused_conv2_shape, shortcut_channels
+from engines.torch_fast.fused_resnet import (FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape,
+                                             fused_if_tuned, shortcut_channels)
+from engines.torch_fast.triton_conv import ConvConfig
 from tests.triton_interpreter import run_interpreted
 
 RESNET_CHECK = r"""
@@ -66,6 +68,24 @@ def test_fused_conv2_shape_carries_the_shortcut():
     shape = fused_conv2_shape(block, {block.conv2: (2, 64, 4, 6)}, groups=2)
     assert (shape.c, shape.cout, shape.shortcut, shape.groups) == (64, 64, 128, 2)
     assert "+1x1(128)" in shape.key
+
+
+def test_fused_if_tuned_needs_both_convolutions_on_triton():
+    pair = tuple(ResnetBlock2D(in_channels=128, out_channels=64, temb_channels=32) for _ in range(2))
+    sizes = {b.conv1: (2, 128, 4, 6) for b in pair} | {b.conv2: (2, 64, 4, 6) for b in pair}
+    cfg = ConvConfig(64, 64, 64, 1, 4, 3)
+    asked = []
+
+    def only(shortcut):  # a tuning table where only the conv with that shortcut (or without) is on Triton
+        return lambda shape: asked.append(shape) or (cfg if shape.shortcut == shortcut else None)
+
+    assert fused_if_tuned(pair, sizes, only(128)) is None  # conv1 stays on cuDNN
+    assert [(s.c, s.groups, s.shortcut) for s in asked] == [(128, 2, 0), (64, 2, 128)]
+    fused = fused_if_tuned(pair, sizes, lambda shape: cfg)
+    assert isinstance(fused, FusedResnet) and fused.groups == 2 and fused.has_shortcut
+    assert fused.conv2_weight.shape == (2, 9 * 64 + 128, 64)
+    down = ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=32, down=True)
+    assert fused_if_tuned((down,), {}, lambda shape: cfg) is None
 
 
 def test_fold_adds_conv1_bias_to_fused_blocks_only():

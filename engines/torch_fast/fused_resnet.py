@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Callable
+
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
+from engines.torch_fast.parts import stacked_group_norm
 from engines.torch_fast.triton_conv import ConvConfig
 
 
@@ -81,20 +84,25 @@ class FusedResnet(nn.Module):
         self.conv2_bias = stacked(lambda b: b.conv2.bias + (b.conv_shortcut.bias if self.has_shortcut
                                                             and b.conv_shortcut.bias is not None else 0))
 
-    def _norm_silu(self, x: torch.Tensor, i: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """silu(group_norm(x)), each half of the batch with its own affine parameters when groups > 1."""
-        y = F.group_norm(x, self.norm_groups[i], eps=self.eps[i])
-        shape = (self.groups, -1, x.shape[1], 1, 1)
-        y = y.reshape(self.groups, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)
-        return F.silu(y.reshape(x.shape))
-
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
-        h = self._norm_silu(x, 0, self.norm1_weight, self.norm1_bias)
+        h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
         h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
-        h = self._norm_silu(h, 1, self.norm2_weight, self.norm2_bias)
+        h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)
+
+
+def fused_if_tuned(blocks: tuple, input_shapes: dict,
+                   conv_config: Callable[[ConvShape], "ConvConfig | None"]) -> "FusedResnet | None":
+    """A FusedResnet for one block (or a twin pair, run as len(blocks) groups) when the blocks can be fused and the
+    tuning table put both of its convolutions on Triton (conv_config gives None otherwise); else None."""
+    if not all(can_fuse(b) for b in blocks):
+        return None
+    first, groups = blocks[0], len(blocks)
+    conv1 = conv_config(ConvShape.of(first.conv1, input_shapes[first.conv1], groups))
+    conv2 = conv_config(fused_conv2_shape(first, input_shapes, groups))
+    return None if conv1 is None or conv2 is None else FusedResnet(blocks, conv1, conv2)
 
 
 def fold_conv1_bias(table: torch.Tensor, slices: list[tuple[int, int]], resnets: list, fused: set) -> torch.Tensor:

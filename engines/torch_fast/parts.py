@@ -33,6 +33,16 @@ def _resnet(block, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return (x + h) / block.output_scale_factor
 
 
+def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """group_norm(x) with affine parameters (C,) or stacked (A, C): the batch splits into A equal runs of images,
+    run a using weight[a] / bias[a] (the twin encoder's two networks)."""
+    y = F.group_norm(x, num_groups, eps=eps)
+    stacks = weight.numel() // x.shape[1]
+    shape = (stacks, -1, x.shape[1], 1, 1)
+    return (y.reshape(stacks, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)).reshape(x.shape)
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = t.shape
     return t.reshape(b, n, heads, c // heads).transpose(1, 2)

@@ -26,7 +26,7 @@ from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
 from engines.torch_fast import conv_tuning
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
-from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape
+from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
                                           record_input_sizes)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
@@ -35,7 +35,7 @@ from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _
                                       time_table)
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
-from profiles.config import Profile, parse_choice
+from profiles.config import Profile, env_flag, parse_choice
 from scheduler.ddim import make_ddim_tables
 
 
@@ -227,7 +227,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     fuse = fuse and kernels is ConvKernels.TUNED
     paired = set(encoder_convolutions(bundle.unet)) if twin else set()
     unused = set(encoder_convolutions(bundle.controlnet)) if twin else set()  # the twin runs them as pairs
-    decoder_blocks = UNetDecoder(bundle.unet).resnets
+    decoder_blocks = _resnets_of(list(bundle.unet.up_blocks))  # UNetDecoder's order
     fusable = {b for b in decoder_blocks if can_fuse(b)} if fuse else set()
     if fuse and twin:
         fusable |= {b for b in _resnets_of(list(bundle.unet.down_blocks) + [bundle.unet.mid_block]) if can_fuse(b)}
@@ -255,12 +255,10 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         layers.twin = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config, fuse_resnets=fuse)
         folded |= layers.twin.fused_blocks
     for i, block in enumerate(decoder_blocks):
-        if block in fusable:
-            conv1 = triton_config(ConvShape.of(block.conv1, sizes[block.conv1]))
-            conv2 = triton_config(fused_conv2_shape(block, sizes))
-            if conv1 is not None and conv2 is not None:
-                layers.fused_decoder[i] = FusedResnet((block,), conv1, conv2)
-                folded.add(block)
+        fused = fused_if_tuned((block,), sizes, triton_config) if block in fusable else None
+        if fused is not None:
+            layers.fused_decoder[i] = fused
+            folded.add(block)
     if fuse:
         _log(f"{len(folded)} ResNet blocks fused ({len(layers.fused_decoder)} in the decoder)")
     layers.folded = frozenset(folded)
@@ -293,7 +291,7 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     cuda = device.type == "cuda"
     kernels = ConvKernels.parse(os.environ.get("CNRT_CONV", "tuned")) if cuda else ConvKernels.CUDNN
     layout = StepLayout.parse(os.environ.get("CNRT_STEP", "twin"))
-    fuse = cuda and os.environ.get("CNRT_FUSE", "1") != "0"
+    fuse = cuda and env_flag("CNRT_FUSE", True)
     key = artifact_key(profile.name, bundle.weights_id, device)
     key.update(conv_kernels=kernels.value, step_layout=layout.value, fused_resnets=fuse)
     compiler = PartCompiler(mode, artifact_dir, key)

@@ -21,9 +21,9 @@ from torch import nn
 
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
-from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fused_conv2_shape
+from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up)
+                                      _transformers_of_up, stacked_group_norm)
 from engines.torch_fast.triton_conv import ConvConfig
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
@@ -65,10 +65,7 @@ class _TwinNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """group: x (G*B, C, H, W); layer: x (G, rows, C)."""
         if self.kind == "group":
-            y = F.group_norm(x, self.groups, eps=self.eps)
-            shape = (GROUPS, -1, x.shape[1], 1, 1)
-            g = y.reshape(GROUPS, -1, *x.shape[1:])
-            return (g * self.weight.reshape(shape) + self.bias.reshape(shape)).reshape(x.shape)
+            return stacked_group_norm(x, self.groups, self.eps, self.weight, self.bias)
         y = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
         return y * self.weight[:, None, :] + self.bias[:, None, :]
 
@@ -222,13 +219,10 @@ class TwinEncoder(nn.Module):
         self.fused_blocks: set = set()
 
         def resnet(pair):
-            if fuse_resnets and all(can_fuse(b) for b in pair):
-                first = pair[0]
-                conv1 = config_of(first.conv1)
-                conv2 = conv_config(fused_conv2_shape(first, input_shapes, GROUPS))
-                if conv1 is not None and conv2 is not None:
-                    self.fused_blocks.update(pair)
-                    return FusedResnet(pair, conv1, conv2)
+            fused = fused_if_tuned(pair, input_shapes, conv_config) if fuse_resnets else None
+            if fused is not None:
+                self.fused_blocks.update(pair)
+                return fused
             return _TwinResnet(pair, stack, config_of)
 
         self.layers = nn.ModuleList()  # in execution order, with a tag saying what each one is
