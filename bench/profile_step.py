@@ -33,11 +33,25 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def write_sequence(path: str, kernels: list) -> None:
+    """One line per kernel in start order: start and duration (us), idle gap since the previous kernel ended, name."""
+    kernels = sorted(kernels, key=lambda ev: ev.time_range.start)
+    t0 = kernels[0].time_range.start if kernels else 0.0
+    prev_end = t0
+    with open(path, "w") as f:
+        for ev in kernels:
+            start, end = ev.time_range.start, ev.time_range.end
+            f.write(f"{start - t0:10.1f} {end - start:7.1f} {max(0.0, start - prev_end):6.1f}  {ev.name[:140]}\n")
+            prev_end = max(prev_end, end)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--compile-mode", default="jit")
     p.add_argument("--weights", default="synthetic")
     p.add_argument("--kernels-out", default=None, help="write every kernel's total time and launches to this file")
+    p.add_argument("--sequence-out", default=None,
+                   help="write the profiled loop's kernels in launch order (start, duration, gap before, name)")
     a = p.parse_args(argv)
     import numpy as np
 
@@ -61,19 +75,17 @@ def main(argv=None) -> int:
         rt.loop(x)
     with torch.no_grad():
         if step.twin is not None:
-            parts = {"twin_encoder": lambda: step._twin(x, step.hint_features, step.twin_temb[3], step.twin_kv,
-                                                        step.control_scales)}
+            parts = {"twin_encoder": lambda: step._twin(x, step.hint_features, step.twin_temb[3], step.twin_kv)}
             mid, skips, controls = parts["twin_encoder"]()
         else:
             parts = {
-                "control_branch": lambda: step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv,
-                                                   step.control_scales),
+                "control_branch": lambda: step._cn(x, step.hint_features, step.cn_temb[3], step.cn_kv),
                 "unet_encoder": lambda: step._enc(x, step.enc_temb[3], step.enc_kv),
             }
             mid, skips = parts["unet_encoder"]()
             controls = parts["control_branch"]()
-    parts["unet_decoder"] = lambda: step._dec(x, mid, list(skips), list(controls), step.dec_temb[3], step.dec_kv,
-                                              step.coeffs[3], step.guidance_scale)
+    parts["unet_decoder"] = lambda: step._dec(x, mid, list(skips), list(controls), step.control_scales,
+                                              step.dec_temb[3], step.dec_kv, step.coeffs[3], step.guidance_scale)
     parts["whole step"] = lambda: step.step(x, 3)
     for name, fn in parts.items():
         with torch.no_grad():
@@ -108,6 +120,8 @@ def main(argv=None) -> int:
     span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     print(f"\none loop under the profiler: {span / 1e3:.1f} ms from first kernel start to last kernel end; some kernel "
           f"running for {busy / 1e3:.1f} ms of it ({100 * busy / max(span, 1e-9):.0f}%), idle {(span - busy) / 1e3:.1f} ms")
+    if a.sequence_out:
+        write_sequence(a.sequence_out, [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA])
     if a.kernels_out:
         with open(a.kernels_out, "w") as f:
             for name, us in by_name.most_common():

@@ -44,3 +44,23 @@ def test_unpairable_networks_are_refused(tiny_bundle):
     assert not can_pair(tiny_bundle.unet, other)
     with pytest.raises(ValueError, match="cannot pair"):
         TwinEncoder(tiny_bundle.unet, other, {})
+
+
+def test_first_resnet_pair_runs_once_for_both_cfg_rows(tiny_bundle, tmp_path):
+    """The first ResNet pair sees one copy of the CFG batch per network (2B rows, not 4B); later layers all 4B."""
+    profile = get_profile("256x384-fp32")
+    compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
+    bundle = copy.deepcopy(tiny_bundle)
+    twin = _prepare_step_layers(bundle, profile, torch.device("cpu"), compiler, ConvKernels.CUDNN,
+                                StepLayout.TWIN).twin
+    seen = []
+    for layer in twin.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    runner = FastStepRunner(bundle, profile, torch.device("cpu"), compiler, twin)
+    seen.clear()  # building the runner ran the twin once on example inputs
+    b, c, h, w = profile.latent_shape
+    runner.prepare(torch.randn(2 * b, 77, bundle.context_dim), torch.randn(b, runner.hint_channels, h, w), 7.5,
+                   torch.ones(2, 13))
+    with torch.no_grad():
+        runner.step(torch.randn(b, c, h, w), 0)
+    assert seen[0] == 2 * b and set(seen[1:]) == {4 * b}, seen

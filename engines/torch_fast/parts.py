@@ -185,20 +185,24 @@ class _Encoder(nn.Module):
         return h, states
 
 
+def control_rows(scales: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """(2, 13) control scales (cond, uncond) -> (2B, 13, 1, 1, 1): one row per image of the CFG batch."""
+    return scales.to(dtype).repeat_interleave(batch, dim=0)[:, :, None, None, None]
+
+
 class ControlBranch(_Encoder):
-    """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb row, K/V list, scales (2,13) -> 13 scaled residuals (2B)."""
+    """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb row, K/V list -> the 13 zero-convolution outputs (2B),
+    unscaled: UNetDecoder applies the control scales where it adds them (no kernel of their own)."""
 
     def __init__(self, controlnet):
         super().__init__(controlnet, _transformers_of(controlnet))
 
-    def forward(self, x, hint_features, temb, kv: list[torch.Tensor], scales):
+    def forward(self, x, hint_features, temb, kv: list[torch.Tensor]):
         net = self.net
         dtype = net.conv_in.weight.dtype
         h = net.conv_in(x.to(dtype)) + hint_features  # identical for cond and uncond: compute once, then double
         mid, states = self.encode(torch.cat([h, h]), temb, kv)
-        outs = [zc(r) for r, zc in zip(states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(mid)]
-        row = scales.to(dtype).repeat_interleave(x.shape[0], dim=0)  # (2B, 13): cond rows then uncond rows
-        return [o * row[:, i].reshape(-1, 1, 1, 1) for i, o in enumerate(outs)]
+        return [zc(r) for r, zc in zip(states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(mid)]
 
 
 class UNetEncoder(_Encoder):
@@ -218,7 +222,8 @@ def _transformers_of_up(unet) -> list:
 
 
 class UNetDecoder(nn.Module):
-    """UNet up path with the control residuals, then CFG and the DDIM update -> x_prev (B,4,h,w) fp32.
+    """UNet up path with the control residuals (the ControlNet's 13 unscaled outputs, times control_scales (2, 13)),
+    then CFG and the DDIM update -> x_prev (B,4,h,w) fp32.
 
     fused: resnet index (in up-path order) -> a module computing that block as fused_resnet.FusedResnet does
     (called with conv1.bias + time embedding); the others run as diffusers' blocks."""
@@ -234,11 +239,12 @@ class UNetDecoder(nn.Module):
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
 
-    def forward(self, x, mid, skips: list[torch.Tensor], controls: list[torch.Tensor], temb,
+    def forward(self, x, mid, skips: list[torch.Tensor], controls: list[torch.Tensor], control_scales, temb,
                 kv: list[torch.Tensor], coeffs, guidance_scale):
         net = self.net
-        h = mid + controls[-1]
-        skips = [s + c for s, c in zip(skips, controls[:-1])]
+        rows = control_rows(control_scales, x.shape[0], mid.dtype)
+        h = mid + controls[-1] * rows[:, -1]
+        skips = [s + c * rows[:, i] for i, (s, c) in enumerate(zip(skips, controls[:-1]))]
         kvs = iter(_split(kv, self.kv_counts))
         tis = iter(range(len(self.kv_counts)))
         ts = iter(enumerate(self.slices))

@@ -30,7 +30,7 @@ from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bi
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
                                           record_input_sizes)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
-from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, twin_kv
+from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes, twin_kv
 from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _resnets_of, cross_attention_kv,
                                       time_table)
 from models.bundle import ModelBundle
@@ -94,22 +94,22 @@ class FastStepRunner:
     @torch.no_grad()
     def _compile(self, compiler: PartCompiler, bundle: ModelBundle) -> None:
         x, context, hint = self._example_inputs(bundle)
-        scales = torch.ones(2, 13, device=self.device)
+        scales = torch.ones(2, 13, device=self.device)  # control scales
         cn_kv = cross_attention_kv(self.cn.transformers, context)
         enc_kv = cross_attention_kv(self.enc.transformers, context)
         dec_kv = cross_attention_kv(self.dec.transformers, context)
         if self.twin is not None:
             kv = twin_kv(enc_kv, cn_kv)
-            self._twin = compiler("twin_encoder", self.twin, (x, hint, self.twin_temb[0], kv, scales))
-            mid, skips, controls = self.twin(x, hint, self.twin_temb[0], kv, scales)
+            self._twin = compiler("twin_encoder", self.twin, (x, hint, self.twin_temb[0], kv))
+            mid, skips, controls = self.twin(x, hint, self.twin_temb[0], kv)
         else:
-            self._cn = compiler("control_branch", self.cn, (x, hint, self.cn_temb[0], cn_kv, scales))
+            self._cn = compiler("control_branch", self.cn, (x, hint, self.cn_temb[0], cn_kv))
             self._enc = compiler("unet_encoder", self.enc, (x, self.enc_temb[0], enc_kv))
             mid, skips = self.enc(x, self.enc_temb[0], enc_kv)
-            controls = self.cn(x, hint, self.cn_temb[0], cn_kv, scales)
+            controls = self.cn(x, hint, self.cn_temb[0], cn_kv)
         gs = torch.ones(1, device=self.device)
         self._dec = compiler("unet_decoder", self.dec,
-                             (x, mid, skips, controls, self.dec_temb[0], dec_kv, self.coeffs[0], gs))
+                             (x, mid, skips, controls, scales, self.dec_temb[0], dec_kv, self.coeffs[0], gs))
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -147,22 +147,21 @@ class FastStepRunner:
     @torch.no_grad()
     def step(self, x: torch.Tensor, k: int) -> torch.Tensor:
         if self.twin is not None:
-            mid, skips, controls = self._twin(x, self.hint_features, self.twin_temb[k], self.twin_kv,
-                                              self.control_scales)
+            mid, skips, controls = self._twin(x, self.hint_features, self.twin_temb[k], self.twin_kv)
         elif self.side is None:
-            controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv, self.control_scales)
+            controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv)
             mid, skips = self._enc(x, self.enc_temb[k], self.enc_kv)
         else:
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
-                controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv, self.control_scales)
+                controls = self._cn(x, self.hint_features, self.cn_temb[k], self.cn_kv)
             mid, skips = self._enc(x, self.enc_temb[k], self.enc_kv)
             main.wait_stream(self.side)
             for c in controls:  # allocated on the side stream, consumed on main
                 c.record_stream(main)
-        return self._dec(x, mid, list(skips), list(controls), self.dec_temb[k], self.dec_kv, self.coeffs[k],
-                         self.guidance_scale)
+        return self._dec(x, mid, list(skips), list(controls), self.control_scales, self.dec_temb[k], self.dec_kv,
+                         self.coeffs[k], self.guidance_scale)
 
 
 def _log(msg: str) -> None:
@@ -182,11 +181,16 @@ class ConvKernels(str, enum.Enum):
 
 
 def _tuning_table(shapes: list[ConvShape], compiler: PartCompiler) -> TuningTable:
+    """The saved table when it is fresh and has every shape; else the missing shapes are measured and added."""
     path = compiler.artifact_dir / conv_tuning.TABLE_FILE
+    table = TuningTable()
     if compiler.manifest.is_fresh(compiler.artifact_dir, compiler.key, ["conv-tuning"]):
-        return TuningTable.load(path)
-    _log(f"tuning {len(set(shapes))} convolution shapes (one-off) ...")
-    table = conv_tuning.tune_all(shapes)
+        table = TuningTable.load(path)
+    missing = sorted({s for s in shapes if s.key not in table.choices}, key=lambda s: s.key)
+    if not missing:
+        return table
+    _log(f"tuning {len(missing)} convolution shapes (one-off) ...")
+    table.choices.update(conv_tuning.tune_all(missing).choices)
     table.save(path)
     compiler.manifest.record(compiler.artifact_dir, "conv-tuning", path)
     compiler.manifest.save(compiler.artifact_dir)
@@ -224,6 +228,8 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     twin = layout is StepLayout.TWIN and can_pair(bundle.unet, bundle.controlnet)
     if layout is StepLayout.TWIN and not twin:
         _log("the ControlNet's encoder does not match the UNet's: running them on two streams instead")
+    if twin:  # the twin runs the first ResNet pair once for both CFG rows
+        sizes = first_pair_input_sizes(sizes, bundle.unet, bundle.controlnet)
     fuse = fuse and kernels is ConvKernels.TUNED
     paired = set(encoder_convolutions(bundle.unet)) if twin else set()
     unused = set(encoder_convolutions(bundle.controlnet)) if twin else set()  # the twin runs them as pairs

@@ -196,8 +196,10 @@ class _TwinTransformer(nn.Module):
 
 
 class TwinEncoder(nn.Module):
-    """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb rows (G, sum C), K/V list (G*2B, ...), scales (2,13) ->
-    (UNet mid-block output, the UNet's 12 skip tensors, the ControlNet's 13 scaled residuals), all batch 2B.
+    """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb rows (G, sum C), K/V list (G*2B, ...) ->
+    (UNet mid-block output, the UNet's 12 skip tensors, the ControlNet's 13 unscaled residuals), all batch 2B.
+    The first ResNet pair runs at batch B per network (see `shared_first_pair`): `input_shapes` must say so
+    (`first_pair_input_sizes`).
 
     conv_config(shape) gives the Triton config for a pair of convolutions (None: conv2d per half).
     fuse_resnets: ResNet pairs whose convolutions both have configs run as `FusedResnet`. `fused_blocks` then
@@ -253,17 +255,27 @@ class TwinEncoder(nn.Module):
         self.layers.append(layer)
         self.plan.append(tag)
 
-    def forward(self, x, hint_features, temb, kv: list[torch.Tensor], scales):
+    def forward(self, x, hint_features, temb, kv: list[torch.Tensor]):
         dtype = self.unet.conv_in.weight.dtype
         x16 = x.to(dtype)
+        b = x.shape[0]
         hu = self.unet.conv_in(x16)
         hc = self.controlnet.conv_in(x16) + hint_features
-        h = torch.cat([hu, hu, hc, hc])
-        states = [h]
+        # Until the first cross-attention the cond and uncond rows are equal (same latent, same hint): conv_in and
+        # the first ResNet pair run on one copy, [UNet, ControlNet], and `double` makes the CFG batch after them.
+        h = torch.cat([hu, hc])
+        single = True
+
+        def double(t):
+            return torch.cat([t[:b], t[:b], t[b:], t[b:]])
+
+        states = [double(h)]
         layers = iter(self.layers)
         ts = iter(self.slices)
         per_block = iter(_split(kv, self.kv_counts))
-        for tag in self.plan:
+        for i, tag in enumerate(self.plan):
+            if single and not (i == 0 and tag == "resnet"):
+                h, single = double(h), False
             if tag == "state":
                 states.append(h)
             elif tag == "resnet":
@@ -273,14 +285,29 @@ class TwinEncoder(nn.Module):
                 h = next(layers)(h, next(per_block))
             else:
                 h = next(layers)(h)
-        b2 = x.shape[0] * 2
+        b2 = 2 * b
         skips = [s[:b2] for s in states]
         cn_states = [s[b2:] for s in states]
         net = self.controlnet
         outs = [zc(r) for r, zc in zip(cn_states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h[b2:])]
-        row = scales.to(dtype).repeat_interleave(x.shape[0], dim=0)  # (2B, 13): cond rows then uncond rows
-        controls = [o * row[:, i].reshape(-1, 1, 1, 1) for i, o in enumerate(outs)]
-        return h[:b2], skips, controls
+        return h[:b2], skips, outs
+
+def shared_first_pair(unet, controlnet) -> tuple:
+    """The first ResNet block of each network. Its input, conv_in of the latent (+ the hint features), is the same
+    for the cond and the uncond row, so the twin runs it once per network instead of once per CFG row."""
+    return unet.down_blocks[0].resnets[0], controlnet.down_blocks[0].resnets[0]
+
+
+def first_pair_input_sizes(sizes: dict, unet, controlnet) -> dict:
+    """Recorded conv input sizes (CFG batch 2B), with the shared first pair's convolutions at batch B."""
+    sizes = dict(sizes)
+    for block in shared_first_pair(unet, controlnet):
+        for conv in (block.conv1, block.conv2, block.conv_shortcut):
+            if conv in sizes:
+                n, *rest = sizes[conv]
+                sizes[conv] = (n // 2, *rest)
+    return sizes
+
 
 def encoder_convolutions(unet) -> list[nn.Conv2d]:
     """The kxk convolutions the twin runs in pairs (resnets' conv1/conv2 and downsamplers of the UNet encoder)."""
