@@ -104,13 +104,11 @@ class PartCompiler:
         self.manifest.save(self.artifact_dir)
         _log(f"saved compiled kernels to {self.artifact_dir / JIT_CACHE} ({len(saved[0]) / 2**20:.0f} MiB)")
 
-    def __call__(self, name: str, module: torch.nn.Module, example_args: tuple,
-                 inductor_options: "dict | None" = None) -> Callable:
-        """inductor_options: Inductor settings for this part only (jit mode)."""
+    def __call__(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:
         if self.mode is CompileMode.EAGER:
             return module
         if self.mode is CompileMode.JIT:
-            return torch.compile(module, fullgraph=True, dynamic=False, options=inductor_options)
+            return torch.compile(module, fullgraph=True, dynamic=False)
         return self._aoti(name, module, example_args)
 
     def _aoti(self, name: str, module: torch.nn.Module, example_args: tuple) -> Callable:

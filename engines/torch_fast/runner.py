@@ -100,10 +100,7 @@ class FastStepRunner:
         dec_kv = cross_attention_kv(self.dec.transformers, context)
         if self.twin is not None:
             kv = twin_kv(enc_kv, cn_kv)
-            # Unsplit reductions: the twin's group norms have 4B*32 groups, enough programs for one kernel each;
-            # Inductor's split into 3-4 kernels cost 22 us a step (H200; the decoder, at 2B, gains from splitting).
-            self._twin = compiler("twin_encoder", self.twin, (x, hint, self.twin_temb[0], kv),
-                                  inductor_options={"split_reductions": False})
+            self._twin = compiler("twin_encoder", self.twin, (x, hint, self.twin_temb[0], kv))
             mid, skips, controls = self.twin(x, hint, self.twin_temb[0], kv)
         else:
             self._cn = compiler("control_branch", self.cn, (x, hint, self.cn_temb[0], cn_kv))

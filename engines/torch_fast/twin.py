@@ -195,32 +195,6 @@ class _TwinTransformer(nn.Module):
         return _from_rows(self.proj_out(h), n, height, width) + x
 
 
-class _ZeroConvGroups(nn.Module):
-    """The ControlNet's 13 zero convolutions (1x1) as one batched matmul per input shape: 6 launches, not 13.
-    Input shapes come from the recorded sizes; a convolution without one gets a group of its own."""
-
-    def __init__(self, convs: list, input_shapes: dict):
-        super().__init__()
-        by_shape: dict = {}
-        for i, conv in enumerate(convs):
-            by_shape.setdefault(tuple(input_shapes.get(conv, (i,)))[1:], []).append(i)
-        self.groups = list(by_shape.values())
-        stack = _Stack(self)
-        self.weights = [stack(tuple(convs[i] for i in g), lambda m: m.weight.reshape(m.weight.shape[0], -1).t())
-                        for g in self.groups]
-        self.biases = [stack(tuple(convs[i] for i in g), lambda m: m.bias) for g in self.groups]
-
-    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        outs: list = [None] * len(states)
-        for group, weight, bias in zip(self.groups, self.weights, self.biases):
-            n, c, h, w = states[group[0]].shape
-            rows = torch.stack([states[i].permute(0, 2, 3, 1).reshape(n * h * w, c) for i in group])
-            y = torch.bmm(rows, weight) + bias[:, None, :]
-            for j, i in enumerate(group):
-                outs[i] = y[j].reshape(n, h, w, -1).permute(0, 3, 1, 2)
-        return outs
-
-
 class TwinEncoder(nn.Module):
     """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb rows (G, sum C), K/V list (G*2B, ...) ->
     (UNet mid-block output, the UNet's 12 skip tensors, the ControlNet's 13 unscaled residuals), all batch 2B.
@@ -275,8 +249,6 @@ class TwinEncoder(nn.Module):
             self._add("resnet", resnet((ru, rc)))
         self.kv_counts = _kv_counts(u_transformers)
         self.slices: list[tuple[int, int]] = []
-        self.zero_convs = _ZeroConvGroups(list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block],
-                                          input_shapes)
         self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
 
     def _add(self, tag: str, layer: nn.Module) -> None:
@@ -316,7 +288,9 @@ class TwinEncoder(nn.Module):
         b2 = 2 * b
         skips = [s[:b2] for s in states]
         cn_states = [s[b2:] for s in states]
-        return h[:b2], skips, self.zero_convs(cn_states + [h[b2:]])
+        net = self.controlnet
+        outs = [zc(r) for r, zc in zip(cn_states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h[b2:])]
+        return h[:b2], skips, outs
 
 def shared_first_pair(unet, controlnet) -> tuple:
     """The first ResNet block of each network. Its input, conv_in of the latent (+ the hint features), is the same
