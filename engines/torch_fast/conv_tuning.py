@@ -1,7 +1,10 @@
 """Per-shape choice of convolution kernel, measured once on the GPU and kept as a JSON artifact.
 
 For every distinct 3x3 convolution of the step (input shape, Cout, stride) this times cuDNN against the Triton
-implicit-GEMM kernel (`triton_conv`) over its candidate configs, and records the fastest. Timing follows
+implicit-GEMM kernel (`triton_conv`) over its candidate configs, and records the fastest. A split-K config is
+timed with one reduction of its partial sums and no separate bias / residual / cast kernels: inside a compiled
+part those fuse into the reduction and its consumer (timing them eagerly, as before 2026-11-26, charged each split
+2-3 extra launches and steered the big-K 32x48 shapes away from the large tiles they need). Timing follows
 bench/METHOD: CUDA-graph replays of several calls over rotating weight and input copies (deep layers' weights are
 bigger than L2, as in the real step, which streams each weight once), median of 10 replays.
 The table is part of the compiled artifact: `build_fast_engines` tunes when no table matches the manifest key.
@@ -25,6 +28,8 @@ from engines.torch_fast import triton_conv
 from engines.torch_fast.triton_conv import ConvConfig
 
 TABLE_FILE = "conv_tuning.json"
+# Bump when what is timed or the search space changes: part of the artifact key, so old tables are re-measured.
+TUNING_VERSION = 2
 _ROTATE = 3
 _REPEAT = 4
 
@@ -162,12 +167,12 @@ def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool
         return best
     ref = cudnn(0).float() if check else None
     for cfg in triton_conv.candidate_configs(g * s.n * oh * ow, s.cout, s.c, s.kernel, s.shortcut):
-        def run(i, cfg=cfg):
+        def run(i, cfg=cfg, sum_only=True):  # timed as a compiled part runs it: kernel + one split-K reduction
             return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg,
-                                                   groups=g, shortcut=x2s[i])
+                                                   groups=g, shortcut=x2s[i], sum_only=sum_only)
 
         if ref is not None:
-            got = run(0)().float()
+            got = run(0, sum_only=False)().float()
             err = ((got - ref).norm() / ref.norm()).item()
             if not err < 5e-3:
                 raise RuntimeError(f"Triton conv {cfg} is wrong for {s.key}: relative error {err:.2e}")

@@ -299,7 +299,8 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     layout = StepLayout.parse(os.environ.get("CNRT_STEP", "twin"))
     fuse = cuda and env_flag("CNRT_FUSE", True)
     key = artifact_key(profile.name, bundle.weights_id, device)
-    key.update(conv_kernels=kernels.value, step_layout=layout.value, fused_resnets=fuse)
+    key.update(conv_kernels=kernels.value, conv_tuning=conv_tuning.TUNING_VERSION, step_layout=layout.value,
+               fused_resnets=fuse)
     compiler = PartCompiler(mode, artifact_dir, key)
     layers = StepLayers()
     if kernels is not ConvKernels.CUDNN or layout is StepLayout.TWIN:

@@ -125,7 +125,7 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
 
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
                 padding: int, cfg: ConvConfig, groups: int = 1, shortcut: "torch.Tensor | None" = None,
-                residual: "torch.Tensor | None" = None) -> torch.Tensor:
+                residual: "torch.Tensor | None" = None, sum_only: bool = False) -> torch.Tensor:
     """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
 
     groups > 1 runs that many independent convolutions in one launch: images [g*N/groups, (g+1)*N/groups) use
@@ -137,6 +137,9 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     - shortcut (N, C2, OH, OW), channels_last: adds the 1x1 convolution of it, whose (C2, Cout) weight rows follow
       the kxk rows in `weight` (see `weight_matrix(..., shortcut=)`), as extra K steps of the same GEMM;
     - residual (N, Cout, OH, OW), channels_last: added to the output.
+
+    sum_only (tuning): with split_k > 1, return the fp32 sum of the partials, (groups * M, Cout), and skip the bias,
+    residual and cast; that is what a split costs inside a compiled part, where those fuse into the consumer.
     """
     n, c, h, w = x.shape
     cout = weight.shape[-1]
@@ -181,6 +184,8 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         result = out[0]
+    elif sum_only:
+        return out.sum(0)
     else:
         total = out.sum(0)
         if bias is not None:
@@ -192,8 +197,11 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
 
 
 # (block_m, block_n, num_warps, num_stages) tried per shape; block_k is 64 (every wide Cin is a multiple of it).
-_TILES = ((64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
-          (128, 128, 4, 3), (64, 256, 8, 3))
+# (64, 128, 4, 5) won the weight-bound 4x6 shapes in `python3 -m bench.conv_bandwidth`; 128x128 / 128x256 tiles
+# have the arithmetic intensity the compute-bound 32x48 and 16x24 shapes need, with split-K to fill the SMs.
+_TILES = ((64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 4, 5), (128, 64, 4, 4),
+          (128, 128, 8, 3), (128, 128, 4, 3), (128, 128, 8, 4), (64, 256, 8, 3), (128, 256, 8, 3))
+_SPLITS = (1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16)
 
 
 def candidate_configs(m: int, cout: int, in_channels: int, kernel_size: int, shortcut_channels: int = 0
@@ -210,7 +218,7 @@ def candidate_configs(m: int, cout: int, in_channels: int, kernel_size: int, sho
         if (bm > 64 and m <= 64) or bn > max(cout, 64):
             continue
         tiles = -(-m // bm) * -(-cout // bn)
-        for split in (1, 2, 3, 4, 6, 8, 12, 16):
+        for split in _SPLITS:
             if split == 1 or (k_steps % split == 0 and k_steps // split >= 8 and tiles * split <= 4 * 132):
                 out.append(ConvConfig(bm, bn, bk, split, warps, stages))
     return out
