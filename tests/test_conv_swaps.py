@@ -13,7 +13,7 @@ from torch import nn
 
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvChoice, TuningTable
-from engines.torch_fast.gemm_conv import GemmConv2d, TritonConv2d, is_wide, pointwise_as_matmul
+from engines.torch_fast.gemm_conv import GemmConv2d, TritonConv2d, is_wide, pointwise_as_matmul, triton_candidate
 from engines.torch_fast.triton_conv import ConvConfig, candidate_configs
 from tests.triton_interpreter import run_interpreted
 
@@ -22,6 +22,7 @@ CASES = [  # (Cin, Cout, kernel, stride, padding, bias, H, W)
     (64, 40, 3, 2, 1, True, 8, 12),
     (64, 24, 3, 1, 1, False, 4, 6),
     (64, 32, 1, 1, 0, True, 4, 6),
+    (64, 4, 3, 1, 1, True, 6, 8),  # conv_out-like: fewer output channels than a tile
 ]
 
 
@@ -38,6 +39,14 @@ def test_only_wide_plain_pointwise_convolutions_become_matmuls():
     assert pointwise_as_matmul(nn.Conv2d(64, 64, 3, padding=1), (2, 64, 4, 6)) is None
     assert pointwise_as_matmul(nn.Conv2d(4, 320, 1), (2, 4, 4, 6)) is None  # conv_in-like: stays on cuDNN
     assert not is_wide(nn.Conv2d(64, 64, 3, groups=2))
+
+
+def test_triton_candidates_are_plain_kxk_with_wide_input():
+    assert triton_candidate(nn.Conv2d(320, 4, 3, padding=1))  # conv_out
+    assert triton_candidate(nn.Conv2d(640, 640, 3, 2, 1))
+    assert not triton_candidate(nn.Conv2d(4, 320, 3, padding=1))  # conv_in: 4 input channels
+    assert not triton_candidate(nn.Conv2d(320, 320, 1))
+    assert not triton_candidate(nn.Conv2d(64, 64, 3, groups=2))
 
 
 INTERPRETED_CHECK = r"""
@@ -130,7 +139,8 @@ def test_pointwise_swap_keeps_the_tiny_step(tiny_bundle, tmp_path):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-SD15_SHAPES = [(2, 1280, 4, 6, 1280, 1), (2, 2560, 8, 12, 1280, 1), (2, 1280, 8, 12, 1280, 2), (2, 640, 32, 48, 320, 1)]
+SD15_SHAPES = [(2, 1280, 4, 6, 1280, 1), (2, 2560, 8, 12, 1280, 1), (2, 1280, 8, 12, 1280, 2), (2, 640, 32, 48, 320, 1),
+               (2, 320, 32, 48, 4, 1)]
 
 
 @pytest.mark.gpu

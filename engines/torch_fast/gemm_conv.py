@@ -145,6 +145,15 @@ def is_wide(conv: nn.Conv2d, min_channels: int = 64) -> bool:
     return plain and min(conv.in_channels, conv.out_channels) >= min_channels
 
 
+def triton_candidate(conv: nn.Conv2d, min_in_channels: int = 64) -> bool:
+    """The kxk convolutions offered to the Triton kernel (the tuner then picks it or cuDNN): plain, with >= 64 input
+    channels, any number of output channels. The UNet's conv_out (320 -> 4) is one: cuDNN pads its 4 channels to 8
+    in two extra kernels and a memset."""
+    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
+        and not isinstance(conv.padding, str)
+    return plain and conv.kernel_size != (1, 1) and conv.in_channels >= min_in_channels
+
+
 def pointwise_as_matmul(conv: nn.Conv2d, shape: tuple[int, ...]) -> "nn.Module | None":
     """Replacement rule: wide 1x1 stride-1 convolutions become matmuls."""
     if is_wide(conv) and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):

@@ -27,8 +27,8 @@ from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
 from engines.torch_fast import conv_tuning
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
-from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, is_wide, pointwise_as_matmul,
-                                          record_input_sizes)
+from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
+                                          record_input_sizes, triton_candidate)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
 from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes, twin_kv
 from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _resnets_of, cross_attention_kv,
@@ -242,7 +242,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     if kernels is ConvKernels.TUNED:
         shapes = []
         for c, s in sizes.items():
-            if not is_wide(c) or c.kernel_size == (1, 1) or c in unused:
+            if not triton_candidate(c) or c in unused:
                 continue
             groups = TWIN_GROUPS if c in paired else 1
             block = fused_conv2.get(c)  # a fused block's conv2 is tuned with its shortcut
@@ -274,7 +274,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         if conv in fused_convs:  # never called again: keep the original, no converted copy
             return None
         swapped = pointwise_as_matmul(conv, shape)
-        if swapped is None and is_wide(conv):
+        if swapped is None and triton_candidate(conv):
             config = triton_config(ConvShape.of(conv, shape))
             if config is not None:
                 swapped = TritonConv2d(conv, config)

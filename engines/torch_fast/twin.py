@@ -249,6 +249,15 @@ class TwinEncoder(nn.Module):
             self._add("resnet", resnet((ru, rc)))
         self.kv_counts = _kv_counts(u_transformers)
         self.slices: list[tuple[int, int]] = []
+        # Both conv_in read the same latent: one convolution with the two weight sets as output channels.
+        cu, cc = unet.conv_in, controlnet.conv_in
+        self.conv_in_args = None
+        if (cu.kernel_size, cu.stride, cu.padding) == (cc.kernel_size, cc.stride, cc.padding) and \
+                cu.bias is not None and cc.bias is not None:
+            self.conv_in_args = (cu.stride, cu.padding)
+            self.register_buffer("conv_in_weight", torch.cat([cu.weight, cc.weight]).detach()
+                                 .contiguous(memory_format=torch.channels_last), persistent=False)
+            self.register_buffer("conv_in_bias", torch.cat([cu.bias, cc.bias]).detach(), persistent=False)
         self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
 
     def _add(self, tag: str, layer: nn.Module) -> None:
@@ -259,8 +268,12 @@ class TwinEncoder(nn.Module):
         dtype = self.unet.conv_in.weight.dtype
         x16 = x.to(dtype)
         b = x.shape[0]
-        hu = self.unet.conv_in(x16)
-        hc = self.controlnet.conv_in(x16) + hint_features
+        if self.conv_in_args is not None:
+            both = F.conv2d(x16, self.conv_in_weight, self.conv_in_bias, *self.conv_in_args)
+            hu, hc = both.split([self.unet.conv_in.out_channels, self.controlnet.conv_in.out_channels], dim=1)
+        else:
+            hu, hc = self.unet.conv_in(x16), self.controlnet.conv_in(x16)
+        hc = hc + hint_features
         # Until the first cross-attention the cond and uncond rows are equal (same latent, same hint): conv_in and
         # the first ResNet pair run on one copy, [UNet, ControlNet], and `double` makes the CFG batch after them.
         h = torch.cat([hu, hc])
