@@ -87,6 +87,28 @@ def test_triton_conv_equals_conv2d_interpreted(cin, cout, k, s, p, bias, h, w, s
     assert float(out.strip().splitlines()[-1]) < 2e-3
 
 
+SUM_ONLY_CHECK = r"""
+import torch
+from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc, weight_matrix
+torch.manual_seed(3)
+x = torch.randn(2, 64, 6, 8).half().contiguous(memory_format=torch.channels_last)
+w = torch.randn(48, 64, 3, 3).half() * 0.05
+b = torch.randn(48).half()
+cfg = ConvConfig(16, 32, 32, 3, 4, 2)
+full = conv2d_nhwc(x, weight_matrix(w), b, 3, 1, 1, cfg).float()
+partial = conv2d_nhwc(x, weight_matrix(w), b, 3, 1, 1, cfg, sum_only=True)
+assert partial.dtype == torch.float32 and partial.shape == (2 * 6 * 8, 48), (partial.dtype, partial.shape)
+rows = full.permute(0, 2, 3, 1).reshape(-1, 48)
+print(((partial + b.float() - rows).abs().max() / rows.abs().max()).item())
+"""
+
+
+def test_sum_only_is_the_split_k_sum_without_the_finish():
+    """What the tuner times for a split config: the fp32 sum of the partials, before bias and cast."""
+    out = run_interpreted(SUM_ONLY_CHECK, [])
+    assert float(out.strip().splitlines()[-1]) < 2e-3
+
+
 def test_triton_conv_rejects_configs_that_do_not_divide_k():
     conv = nn.Conv2d(96, 64, 3, padding=1)
     with pytest.raises(ValueError, match="does not fit"):
@@ -99,6 +121,30 @@ def test_candidate_configs_all_divide_their_shape():
         assert configs
         assert all(triton_conv.supports(cin, 3, c) for c in configs)
     assert candidate_configs(48, 64, 96, 3) == []
+
+
+def test_tuning_table_measures_only_missing_shapes(tmp_path, monkeypatch):
+    """A fresh table is reused; shapes it lacks (a new step layout, a new fused block) are measured and added."""
+    from engines.torch_fast import conv_tuning
+    from engines.torch_fast.compile import CompileMode, PartCompiler
+    from engines.torch_fast.conv_tuning import ConvShape
+    from engines.torch_fast.runner import _tuning_table
+
+    measured = []
+
+    def fake_tune_all(shapes):  # the real one times kernels on a GPU
+        measured.extend(s.key for s in shapes)
+        return TuningTable({s.key: ConvChoice("cudnn", None, 1.0, 1.0) for s in shapes})
+
+    monkeypatch.setattr(conv_tuning, "tune_all", fake_tune_all)
+    a, b = ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2)
+    compiler = PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1})
+    assert set(_tuning_table([a], compiler).choices) == {a.key}
+    assert _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1})).choices.keys() == {a.key}
+    table = _tuning_table([a, b], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1}))
+    assert measured == [a.key, b.key] and set(table.choices) == {a.key, b.key}
+    _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 2}))  # another key: measured again
+    assert measured == [a.key, b.key, a.key]
 
 
 def test_tuning_table_round_trip(tmp_path):
