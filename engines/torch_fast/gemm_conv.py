@@ -27,8 +27,13 @@ def _weight_matrix(conv: nn.Conv2d) -> nn.Parameter:
     return nn.Parameter(triton_conv.weight_matrix(conv.weight.detach()), requires_grad=False)
 
 
+def _is_plain(conv: nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
+        and not isinstance(conv.padding, str)
+
+
 def _check_plain(conv: nn.Conv2d) -> None:
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if not _is_plain(conv):
         raise ValueError(f"only plain convolutions (groups=1, dilation=1, numeric zero padding) can be swapped: {conv}")
 
 
@@ -140,18 +145,14 @@ def convert_convolutions(roots: Iterable[nn.Module], sizes: dict[nn.Conv2d, tupl
 def is_wide(conv: nn.Conv2d, min_channels: int = 64) -> bool:
     """The convolutions worth swapping: >= min_channels in and out (the networks' conv_in / conv_out, with 4
     channels on one side, stay on cuDNN) and plain."""
-    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
-        and not isinstance(conv.padding, str)
-    return plain and min(conv.in_channels, conv.out_channels) >= min_channels
+    return _is_plain(conv) and min(conv.in_channels, conv.out_channels) >= min_channels
 
 
 def triton_candidate(conv: nn.Conv2d, min_in_channels: int = 64) -> bool:
     """The kxk convolutions offered to the Triton kernel (the tuner then picks it or cuDNN): plain, with >= 64 input
     channels, any number of output channels. The UNet's conv_out (320 -> 4) is one: cuDNN pads its 4 channels to 8
     in two extra kernels and a memset."""
-    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
-        and not isinstance(conv.padding, str)
-    return plain and conv.kernel_size != (1, 1) and conv.in_channels >= min_in_channels
+    return _is_plain(conv) and conv.kernel_size != (1, 1) and conv.in_channels >= min_in_channels
 
 
 def pointwise_as_matmul(conv: nn.Conv2d, shape: tuple[int, ...]) -> "nn.Module | None":
