@@ -1,8 +1,9 @@
 """`python3 -m bench.attention_backends`: each SDPA backend on every attention shape of one 256x384 step.
 
 Why: attention is ~10% of the loop's kernel time, and its head sizes (40, 80, 160) are not the powers of two the
-fastest kernels are built for. This times cuDNN, flash, memory-efficient and math attention per shape, each inside
-a CUDA graph (conv_tuning.graph_time_us), so the step's choice of backend rests on numbers from this GPU.
+fastest kernels are built for. This times cuDNN, flash, memory-efficient and math attention per shape, and our
+Triton kernel (`engines/torch_fast/triton_attention.py`, one launch, no memset), each inside a CUDA graph
+(conv_tuning.graph_time_us), so the step's choice of backend rests on numbers from this GPU.
 Shapes: self-attention over T tokens and cross-attention over 77 text tokens, at the twin encoder's batch (4 = two
 networks x CFG 2) and the decoder's (2), heads 8, head size 320*2^level / 8.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engines.torch_fast import triton_attention
 from engines.torch_fast.conv_tuning import graph_time_us
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -40,19 +42,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'shape':<18} {'T':>5} {'Tk':>5} {'d':>4} " + " ".join(f"{n:>10}" for n in BACKENDS) + "  (us)")
+    print(f"{'shape':<18} {'T':>5} {'Tk':>5} {'d':>4} " + " ".join(f"{n:>10}" for n in [*BACKENDS, "triton"])
+          + "  (us; ! = max abs error >= 1e-2)")
     for name, b, t, tk, d in shapes(args.height, args.width):
         q = torch.randn(b, 8, t, d, device=dev, dtype=torch.float16)
         k = torch.randn(b, 8, tk, d, device=dev, dtype=torch.float16)
         v = torch.randn(b, 8, tk, d, device=dev, dtype=torch.float16)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         cells = []
+        calls = []
         for backend in BACKENDS.values():
             def call(i, backend=backend):
                 def run():
                     with sdpa_kernel([backend]):
                         return F.scaled_dot_product_attention(q, k, v)
                 return run
+            calls.append(call)
+        calls.append(lambda i: lambda: triton_attention.attention(q, k, v))
+        for call in calls:
             try:
                 err = (call(0)().float() - ref).abs().max().item()
                 us = graph_time_us(call, copies=1, repeat=20)
