@@ -17,11 +17,11 @@ Computes what `parts._resnet` computes (same weights, fp32 accumulation, one rou
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import Callable
 
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape

@@ -35,7 +35,7 @@ from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _
                                       time_table)
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
-from profiles.config import Profile, env_flag, parse_choice
+from profiles.config import NUM_CONTROLS, Profile, env_flag, parse_choice
 from scheduler.ddim import make_ddim_tables
 
 
@@ -94,7 +94,7 @@ class FastStepRunner:
     @torch.no_grad()
     def _compile(self, compiler: PartCompiler, bundle: ModelBundle) -> None:
         x, context, hint = self._example_inputs(bundle)
-        scales = torch.ones(2, 13, device=self.device)  # control scales
+        scales = torch.ones(2, NUM_CONTROLS, device=self.device)  # control scales
         cn_kv = cross_attention_kv(self.cn.transformers, context)
         enc_kv = cross_attention_kv(self.enc.transformers, context)
         dec_kv = cross_attention_kv(self.dec.transformers, context)
@@ -115,7 +115,7 @@ class FastStepRunner:
     def warm_up(self) -> None:
         """One step on random inputs (triggers lazy compilation); prepare() must be called again before use."""
         x, context, hint = self._example_inputs_from_tables()
-        self.prepare(context, hint, 9.0, torch.ones(2, 13))
+        self.prepare(context, hint, 9.0, torch.ones(2, NUM_CONTROLS))
         self.step(x, 0)
         self._context = None
 

@@ -247,6 +247,7 @@ class TwinEncoder(nn.Module):
         for au, ru, rc in zip(mu.attentions, mu.resnets[1:], mc.resnets[1:]):
             self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
             self._add("resnet", resnet((ru, rc)))
+        assert self.plan[0] == "resnet"  # the shared first pair: forward runs it before making the CFG batch
         self.kv_counts = _kv_counts(u_transformers)
         self.slices: list[tuple[int, int]] = []
         # Both conv_in read the same latent: one convolution with the two weight sets as output channels.
@@ -275,9 +276,8 @@ class TwinEncoder(nn.Module):
             hu, hc = self.unet.conv_in(x16), self.controlnet.conv_in(x16)
         hc = hc + hint_features
         # Until the first cross-attention the cond and uncond rows are equal (same latent, same hint): conv_in and
-        # the first ResNet pair run on one copy, [UNet, ControlNet], and `double` makes the CFG batch after them.
+        # the first ResNet pair (plan[0]) run on one copy, [UNet, ControlNet]; `double` makes the CFG batch.
         h = torch.cat([hu, hc])
-        single = True
 
         def double(t):
             return torch.cat([t[:b], t[:b], t[b:], t[b:]])
@@ -287,8 +287,8 @@ class TwinEncoder(nn.Module):
         ts = iter(self.slices)
         per_block = iter(_split(kv, self.kv_counts))
         for i, tag in enumerate(self.plan):
-            if single and not (i == 0 and tag == "resnet"):
-                h, single = double(h), False
+            if i == 1:
+                h = double(h)
             if tag == "state":
                 states.append(h)
             elif tag == "resnet":
@@ -304,6 +304,7 @@ class TwinEncoder(nn.Module):
         net = self.controlnet
         outs = [zc(r) for r, zc in zip(cn_states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h[b2:])]
         return h[:b2], skips, outs
+
 
 def shared_first_pair(unet, controlnet) -> tuple:
     """The first ResNet block of each network. Its input, conv_in of the latent (+ the hint features), is the same
