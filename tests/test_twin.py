@@ -64,3 +64,33 @@ def test_first_resnet_pair_runs_once_for_both_cfg_rows(tiny_bundle, tmp_path):
     with torch.no_grad():
         runner.step(torch.randn(b, c, h, w), 0)
     assert seen[0] == 2 * b and set(seen[1:]) == {4 * b}, seen
+
+
+def test_twin_with_swapped_convolutions_leaves_its_own_layers_unconverted(tiny_bundle, tmp_path):
+    """With 1x1 convolutions swapped for matmuls, the twin step still equals the plain one; the layers the twin
+    runs from its stacked weights get no converted copy, the zero convolutions (which it calls) do."""
+    from engines.torch_fast.gemm_conv import GemmConv2d
+
+    profile = get_profile("256x384-fp32")
+    device = torch.device("cpu")
+    compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
+    plain, swapped = copy.deepcopy(tiny_bundle), copy.deepcopy(tiny_bundle)
+    twins = [_prepare_step_layers(bundle, profile, device, compiler, kernels, StepLayout.TWIN).twin
+             for bundle, kernels in ((plain, ConvKernels.CUDNN), (swapped, ConvKernels.POINTWISE))]
+    for net in (swapped.unet, swapped.controlnet):
+        encoder = list(net.down_blocks) + [net.mid_block]
+        assert not any(isinstance(m, GemmConv2d) for block in encoder for m in block.modules())
+    assert isinstance(swapped.controlnet.controlnet_mid_block, GemmConv2d)  # 64 channels: wide enough
+    g = torch.Generator().manual_seed(5)
+    b, c, h, w = profile.latent_shape
+    x = torch.randn(b, c, h, w, generator=g)
+    context = torch.randn(2 * b, 77, tiny_bundle.context_dim, generator=g)
+    hint = torch.randn(b, tiny_bundle.controlnet.config.block_out_channels[0], h, w, generator=g)
+    scales = torch.rand(2, 13, generator=g)
+    outs = []
+    for bundle, twin in zip((plain, swapped), twins):
+        runner = FastStepRunner(bundle, profile, device, compiler, twin)
+        runner.prepare(context, hint, 9.0, scales)
+        with torch.no_grad():
+            outs.append(runner.step(x, 7))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

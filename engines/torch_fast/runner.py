@@ -30,7 +30,8 @@ from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bi
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
                                           record_input_sizes, triton_candidate)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
-from engines.torch_fast.twin import TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes, twin_kv
+from engines.torch_fast.twin import (TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes,
+                                    twin_convolutions, twin_kv)
 from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _resnets_of, cross_attention_kv,
                                       time_table)
 from models.bundle import ModelBundle
@@ -269,6 +270,8 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         _log(f"{len(folded)} ResNet blocks fused ({len(layers.fused_decoder)} in the decoder)")
     layers.folded = frozenset(folded)
     fused_convs = {c for b in folded for c in (b.conv1, b.conv2, b.conv_shortcut) if c is not None}
+    if twin:  # the twin runs these from its own stacked weights
+        fused_convs |= set(twin_convolutions(bundle.unet)) | set(twin_convolutions(bundle.controlnet))
 
     def replacement(conv, shape):
         if conv in fused_convs:  # never called again: keep the original, no converted copy

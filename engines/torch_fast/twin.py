@@ -323,10 +323,16 @@ def first_pair_input_sizes(sizes: dict, unet, controlnet) -> dict:
     return sizes
 
 
+def twin_convolutions(net) -> list[nn.Conv2d]:
+    """Every convolution of a network's down path and mid block: the twin runs all of them from its own stacked
+    weights (the zero convolutions and the hint block lie outside and stay the network's)."""
+    return [m for block in list(net.down_blocks) + [net.mid_block] for m in block.modules()
+            if isinstance(m, nn.Conv2d)]
+
+
 def encoder_convolutions(unet) -> list[nn.Conv2d]:
     """The kxk convolutions the twin runs in pairs (resnets' conv1/conv2 and downsamplers of the UNet encoder)."""
-    return [m for block in list(unet.down_blocks) + [unet.mid_block] for m in block.modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    return [m for m in twin_convolutions(unet) if m.kernel_size != (1, 1)]
 
 
 def twin_kv(unet_kv: list[torch.Tensor], controlnet_kv: list[torch.Tensor]) -> list[torch.Tensor]:
