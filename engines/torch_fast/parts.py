@@ -147,13 +147,16 @@ def _split(items: list, counts: list[int]) -> list[list]:
 # ---- the three parts -----------------------------------------------------------------------------------------------
 
 class _Encoder(nn.Module):
-    """The down path + mid block of a UNet or ControlNet (identical structure), walked with the precomputed tables."""
+    """The down path + mid block of a UNet or ControlNet (identical structure), walked with the precomputed tables.
 
-    def __init__(self, net, transformers):
+    runnable=False keeps only the layout (resnets, transformers, slices) that the time tables and K/V need, without
+    the fused Q/K/V weight copies: for the twin encoder, which runs both networks from its own stacked weights."""
+
+    def __init__(self, net, transformers, runnable: bool = True):
         super().__init__()
         self.net = net
         self.transformers = transformers
-        self.qkv = _FusedQKV(transformers)
+        self.qkv = _FusedQKV(transformers) if runnable else None
         self.resnets = _resnets_of(list(net.down_blocks) + [net.mid_block])
         self.kv_counts = _kv_counts(transformers)
         self.slices: list[tuple[int, int]] = []
@@ -194,8 +197,8 @@ class ControlBranch(_Encoder):
     """x (B,4,h,w) fp32, hint_features (B,C0,h,w), temb row, K/V list -> the 13 zero-convolution outputs (2B),
     unscaled: UNetDecoder applies the control scales where it adds them (no kernel of their own)."""
 
-    def __init__(self, controlnet):
-        super().__init__(controlnet, _transformers_of(controlnet))
+    def __init__(self, controlnet, runnable: bool = True):
+        super().__init__(controlnet, _transformers_of(controlnet), runnable)
 
     def forward(self, x, hint_features, temb, kv: list[torch.Tensor]):
         net = self.net
@@ -208,9 +211,9 @@ class ControlBranch(_Encoder):
 class UNetEncoder(_Encoder):
     """x (B,4,h,w) fp32, temb row, K/V list -> (mid-block output, 12 skip tensors), all batch 2B."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, runnable: bool = True):
         up = _transformers_of_up(unet)
-        super().__init__(unet, [t for t in _transformers_of(unet) if t not in up])
+        super().__init__(unet, [t for t in _transformers_of(unet) if t not in up], runnable)
 
     def forward(self, x, temb, kv: list[torch.Tensor]):
         h = self.net.conv_in(x.to(self.net.conv_in.weight.dtype))

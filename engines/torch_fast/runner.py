@@ -59,8 +59,8 @@ class FastStepRunner:
         self.device = device
         self.profile = profile
         self.dtype = next(bundle.unet.parameters()).dtype
-        self.cn = ControlBranch(bundle.controlnet)
-        self.enc = UNetEncoder(bundle.unet)
+        self.cn = ControlBranch(bundle.controlnet, runnable=twin is None)  # with a twin: tables and K/V only
+        self.enc = UNetEncoder(bundle.unet, runnable=twin is None)
         self.dec = UNetDecoder(bundle.unet, fused_decoder)
         tables = make_ddim_tables(profile.ddim_steps).to(device)
         self.coeffs = tables.coeffs
