@@ -13,6 +13,16 @@ from engines.torch_fast.twin import TwinEncoder, can_pair
 from profiles import get_profile
 
 
+def _step_inputs(bundle, profile, seed: int):
+    """Random latent, prompt context, hint features and control scales for one step of `bundle`."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = profile.latent_shape
+    x = torch.randn(b, c, h, w, generator=g)
+    context = torch.randn(2 * b, 77, bundle.context_dim, generator=g)
+    hint = torch.randn(b, bundle.controlnet.config.block_out_channels[0], h, w, generator=g)
+    return x, context, hint, torch.rand(2, 13, generator=g)
+
+
 @pytest.mark.parametrize("k", [0, 13])
 def test_twin_step_equals_two_part_step(tiny_bundle, tmp_path, k):
     profile = get_profile("256x384-fp32")
@@ -21,12 +31,7 @@ def test_twin_step_equals_two_part_step(tiny_bundle, tmp_path, k):
     bundle = copy.deepcopy(tiny_bundle)
     twin = _prepare_step_layers(bundle, profile, device, compiler, ConvKernels.CUDNN, StepLayout.TWIN).twin
     assert isinstance(twin, TwinEncoder)
-    g = torch.Generator().manual_seed(k)
-    b, c, h, w = profile.latent_shape
-    x = torch.randn(b, c, h, w, generator=g)
-    context = torch.randn(2 * b, 77, bundle.context_dim, generator=g)
-    hint = torch.randn(b, bundle.controlnet.config.block_out_channels[0], h, w, generator=g)
-    scales = torch.rand(2, 13, generator=g)
+    x, context, hint, scales = _step_inputs(bundle, profile, seed=k)
     outs = []
     for runner_twin in (None, twin):
         runner = FastStepRunner(bundle, profile, device, compiler, runner_twin)
@@ -81,12 +86,7 @@ def test_twin_with_swapped_convolutions_leaves_its_own_layers_unconverted(tiny_b
         encoder = list(net.down_blocks) + [net.mid_block]
         assert not any(isinstance(m, GemmConv2d) for block in encoder for m in block.modules())
     assert isinstance(swapped.controlnet.controlnet_mid_block, GemmConv2d)  # 64 channels: wide enough
-    g = torch.Generator().manual_seed(5)
-    b, c, h, w = profile.latent_shape
-    x = torch.randn(b, c, h, w, generator=g)
-    context = torch.randn(2 * b, 77, tiny_bundle.context_dim, generator=g)
-    hint = torch.randn(b, tiny_bundle.controlnet.config.block_out_channels[0], h, w, generator=g)
-    scales = torch.rand(2, 13, generator=g)
+    x, context, hint, scales = _step_inputs(tiny_bundle, profile, seed=5)
     outs = []
     for bundle, twin in zip((plain, swapped), twins):
         runner = FastStepRunner(bundle, profile, device, compiler, twin)
