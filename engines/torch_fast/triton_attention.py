@@ -1,4 +1,4 @@
-"""Attention for the step's small shapes in one Triton kernel: a candidate to replace cuDNN SDPA there.
+"""Attention for the step's small shapes in one Triton kernel, used instead of cuDNN SDPA there.
 
 Why: in the captured loop every cuDNN attention call is a memset plus the attention kernel, with 3-6 us of idle
 time before the kernel where 0.4 us is usual between kernels: about 180 us a step, 3.6 ms a loop on an H200
@@ -7,16 +7,21 @@ self-attentions at levels 1-3 (384, 96 and 24 tokens). This kernel is one launch
 (BLOCK_M queries, image, head), an online softmax over BLOCK_N keys at a time, head sizes 40 / 80 / 160 padded to
 the next power of two in registers only.
 
-Status: checked against F.scaled_dot_product_attention under Triton's interpreter (tests/test_triton_attention.py);
-NOT yet timed on a GPU nor used by the step. `python3 -m bench.attention_backends` times it beside the SDPA
-backends; wire it in where it wins.
+`sdpa` is what the step calls: this kernel (as the operator cnrt::triton_attention, which torch.compile keeps
+whole) up to MAX_PAIRS query-key pairs a call, cuDNN SDPA above, where it is faster. Checked against
+F.scaled_dot_product_attention under Triton's interpreter (CPU tests) and on an H200 (GPU tests);
+`python3 -m bench.attention_backends` times both per shape.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
+
+from profiles.config import env_flag
 
 try:
     import triton
@@ -25,30 +30,37 @@ except ImportError:  # CPU-only installs
     triton = tl = None
 
 
+VEC = 8  # elements in 16 bytes of fp16: head sizes and strides must be multiples of it
+
 if triton is not None:
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                          HEADS, TQ, TK, D, qk_scale,
+                          HEADS, TQ, TK, qk_scale, HEAD_D: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Strides come in units of VEC elements and the head size is a constant, so the compiler knows every row
+        # starts 16-byte aligned and the head-size mask is constant over 8 lanes: 16-byte loads even for d = 40
+        # (a runtime d or stride of 40 would be divisible by 8 but not 16, and Triton would load element-wise).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HEADS
         h = pid_bh - b * HEADS
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
+        d_ok = offs_d < HEAD_D
         m_ok = offs_m < TQ
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+        q = tl.load(q_ptr + (b * sq_b + h * sq_h) * VEC + offs_m[:, None] * (sq_t * VEC) + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = k_ptr + (b * sk_b + h * sk_h) * VEC
+        v_base = v_ptr + (b * sv_b + h * sv_h) * VEC
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, TK, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < TK
-            k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_t + offs_d[:, None],
+            k = tl.load(k_base + offs_n[None, :] * (sk_t * VEC) + offs_d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
             s = tl.dot(q, k) * qk_scale  # log2 units: qk_scale carries 1/ln(2)
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -56,12 +68,12 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :],
+            v = tl.load(v_base + offs_n[:, None] * (sv_t * VEC) + offs_d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+        tl.store(o_ptr + (b * so_b + h * so_h) * VEC + offs_m[:, None] * (so_t * VEC) + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -69,14 +81,46 @@ def available() -> bool:
     return triton is not None
 
 
-def block_sizes(tq: int, head_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for TQ queries of one head size."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates that bench.attention_backends sweeps per shape.
+CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2),
+           (128, 128, 8, 2), (128, 128, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2))
+
+# Up to this many query-key pairs per call (batch x heads x queries x keys) the step uses this kernel, above it
+# cuDNN SDPA. H200, CUDA-graph time per call from `python3 -m bench.attention_backends` (bench/NOTES.md, session 5):
+# every cross-attention and the self-attentions at 16x24 and below (at most 3.8M pairs) take 3.7-10.7 us here
+# against cuDNN's 7.3-11.9; self-attention at 32x48 (38M and 75M pairs) ties at batch 2 (33.0 against 33.9 us)
+# and loses at batch 4 (58.2 against 49.4), and in the loop the Triton kernel there was slower (77.50 against
+# 76.93 ms), so it stays on cuDNN. CNRT_TRITON_ATTENTION_MAX_PAIRS overrides the limit (experiments).
+MAX_PAIRS = int(float(os.environ.get("CNRT_TRITON_ATTENTION_MAX_PAIRS", 4e6)))
+ENABLED = env_flag("CNRT_TRITON_ATTENTION", True)  # 0: cuDNN SDPA everywhere (A/B measurements)
+
+
+def block_sizes(tq: int, tk: int, head_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for one shape: the sweep's winners at the step's shapes
+    (64 queries a program; 64 keys and 3 stages for the longer key sets, 32 and 2 for the 77 text tokens)."""
     block_d = max(16, triton.next_power_of_2(head_size))
+    if tk >= 1024:
+        return 128, 64, block_d, 8, 3
     block_m = 64 if tq >= 64 else max(16, triton.next_power_of_2(tq))
-    return block_m, 64, block_d, 8 if block_d >= 256 else 4
+    long_keys = tk >= 256
+    return block_m, 64 if long_keys else 32, block_d, 4, 3 if long_keys else 2
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def preferred(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether this kernel should run q k^T v for these inputs: a CUDA tensor, Triton present, few enough pairs."""
+    return (ENABLED and q.is_cuda and triton is not None and q.shape[3] % VEC == 0
+            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= MAX_PAIRS)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v), through this kernel where `preferred` says it is faster."""
+    if preferred(q, k):
+        return torch.ops.cnrt.triton_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              config: "tuple[int, int, int, int] | None" = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, TQ, d), k and v (B, H, TK, d), no mask: what
     F.scaled_dot_product_attention(q, k, v) computes. Any strides with a unit last stride (the step's head-split
     views). The output is (B, H, TQ, d) laid out as (B, TQ, H, d), so merging the heads back is a free view."""
@@ -88,12 +132,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
                          f"{tuple(v.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a unit stride along the head size")
-    block_m, block_n, block_d, warps = block_sizes(tq, d)
+    if d % VEC:
+        raise ValueError(f"the head size must be a multiple of {VEC}, got {d}")
+    q, k, v = (t if all(st % VEC == 0 for st in t.stride()[:3]) else t.contiguous() for t in (q, k, v))
+    block_m, block_n, block_d, warps, stages = block_sizes(tq, k.shape[2], d)
+    if config is not None:
+        block_m, block_n, warps, stages = config
     out = torch.empty(bq, tq, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     grid = (triton.cdiv(tq, block_m), bq * hq)
+    strides = [st // VEC for t in (q, k, v, out) for st in t.stride()[:3]]
     _attention_kernel[grid](
-        q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        hq, tq, k.shape[2], d, 1.0 / math.sqrt(d) / math.log(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        q, k, v, out, *strides, hq, tq, k.shape[2], 1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, VEC=VEC,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("cnrt::triton_attention", mutates_args=(), device_types="cuda")
+    def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`attention` as an operator torch.compile keeps whole (one kernel in the compiled part's graph)."""
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return attention(q, k, v)
+
+    @_attention_op.register_fake
+    def _(q, k, v):
+        b, h, tq, d = q.shape
+        return q.new_empty(b, tq, h, d).transpose(1, 2)

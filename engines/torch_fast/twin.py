@@ -24,6 +24,7 @@ from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
                                       _transformers_of_up, stacked_group_norm)
+from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_conv import ConvConfig
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
@@ -184,11 +185,10 @@ class _TwinTransformer(nn.Module):
 
         for i, block in enumerate(self.blocks):
             q, k, v = per_image(torch.bmm(block.norm1(h), block.qkv)).chunk(3, dim=-1)
-            a = F.scaled_dot_product_attention(_heads(q, block.heads), _heads(k, block.heads),
-                                               _heads(v, block.heads))
+            a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
             h = block.out1(per_group(_merge_heads(a))) + h
             q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
-            a = F.scaled_dot_product_attention(q, kv[2 * i], kv[2 * i + 1])
+            a = sdpa(q, kv[2 * i], kv[2 * i + 1])
             h = block.out2(per_group(_merge_heads(a))) + h
             hidden, gate = block.ff1(block.norm3(h)).chunk(2, dim=-1)
             h = block.ff2(hidden * F.gelu(gate)) + h
