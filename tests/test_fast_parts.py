@@ -58,3 +58,21 @@ def test_stage_ranges_are_visible_to_the_profiler(tiny_bundle, weights_cache):
     names = {e.name for e in prof.events()}
     for stage in ("preprocess", "text", "hint", "denoise", "decode", "to-host", "step 0", "step 19"):
         assert stage in names, stage
+
+
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_channels_last_group_norm_equals_group_norm(stacks):
+    """stacked_group_norm's channels_last path (rows in memory order) computes F.group_norm + the per-run affine."""
+    import torch.nn.functional as F
+
+    from engines.torch_fast.parts import stacked_group_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2 * stacks, 96, 6, 10, generator=g) * 3 + 1).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(stacks, 96, generator=g), torch.randn(stacks, 96, generator=g)
+    got = stacked_group_norm(x, 32, 1e-5, weight, bias)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    ref = torch.cat([F.group_norm(half, 32, w, b, 1e-5)
+                     for half, w, b in zip(x.contiguous().chunk(stacks), weight, bias)])
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stacked_group_norm(x.contiguous(), 32, 1e-5, weight, bias), ref, atol=2e-5, rtol=1e-5)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch_fast.triton_attention import sdpa
+from profiles.config import env_flag
 from scheduler.ddim import cfg_mix, ddim_update
 
 
@@ -25,22 +27,42 @@ from scheduler.ddim import cfg_mix, ddim_update
 
 def _resnet(block, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """ResnetBlock2D ("default" time norm, no up/down); temb = time_emb_proj(silu(emb)) already, shape (C,)."""
-    h = block.conv1(F.silu(block.norm1(x)))
+    h = block.conv1(F.silu(group_norm(x, block.norm1)))
     h = h + temb.reshape(1, -1, 1, 1)
-    h = block.conv2(F.silu(block.norm2(h)))
+    h = block.conv2(F.silu(group_norm(h, block.norm2)))
     if block.conv_shortcut is not None:
         x = block.conv_shortcut(x)
     return (x + h) / block.output_scale_factor
 
 
+NHWC_GROUP_NORM = env_flag("CNRT_NHWC_GROUP_NORM", True)  # 0: always F.group_norm (A/B measurements)
+
+
 def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor,
                        bias: torch.Tensor) -> torch.Tensor:
     """group_norm(x) with affine parameters (C,) or stacked (A, C): the batch splits into A equal runs of images,
-    run a using weight[a] / bias[a] (the twin encoder's two networks)."""
-    y = F.group_norm(x, num_groups, eps=eps)
-    stacks = weight.numel() // x.shape[1]
-    shape = (stacks, -1, x.shape[1], 1, 1)
-    return (y.reshape(stacks, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)).reshape(x.shape)
+    run a using weight[a] / bias[a] (the twin encoder's two networks).
+
+    A channels_last x is normalised as (B, H*W, groups, C/groups) rows, the order it lies in memory. F.group_norm
+    views it as (B, groups, C/groups*H*W) instead, and Inductor then reads each group's channels strided by C
+    (a 30-channel group of a 960-channel map: 60 bytes every 1920); at 32x48 such a statistics kernel took up to
+    19.5 us and an apply 15.5 us a call (bench/NOTES.md, session 5)."""
+    b, c, height, width = x.shape
+    stacks = weight.numel() // c
+    if not NHWC_GROUP_NORM or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        y = F.group_norm(x, num_groups, eps=eps)
+        shape = (stacks, -1, c, 1, 1)
+        return (y.reshape(stacks, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)).reshape(x.shape)
+    rows = x.permute(0, 2, 3, 1).reshape(b, height * width, num_groups, c // num_groups).float()
+    var, mean = torch.var_mean(rows, dim=(1, 3), correction=0, keepdim=True)
+    y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, b // stacks, height * width, c)
+    y = y * weight.reshape(stacks, 1, 1, c).float() + bias.reshape(stacks, 1, 1, c).float()
+    return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """norm(x) for an affine nn.GroupNorm, laid out for x's memory format (see stacked_group_norm)."""
+    return stacked_group_norm(x, norm.num_groups, norm.eps, norm.weight, norm.bias)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -57,16 +79,16 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) ->
     """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split."""
     b, c, height, width = x.shape
     residual = x
-    h = model.proj_in(model.norm(x))
+    h = model.proj_in(group_norm(x, model.norm))
     inner = h.shape[1]
     h = h.permute(0, 2, 3, 1).reshape(b, height * width, inner)
     for i, block in enumerate(model.transformer_blocks):
         attn1, attn2 = block.attn1, block.attn2
         q, k, v = F.linear(block.norm1(h), qkv_weights[i]).chunk(3, dim=-1)
-        a = F.scaled_dot_product_attention(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
+        a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
         h = attn1.to_out[0](_merge_heads(a)) + h
         q = _heads(attn2.to_q(block.norm2(h)), attn2.heads)
-        a = F.scaled_dot_product_attention(q, kv[2 * i], kv[2 * i + 1])
+        a = sdpa(q, kv[2 * i], kv[2 * i + 1])
         h = attn2.to_out[0](_merge_heads(a)) + h
         hidden, gate = block.ff.net[0].proj(block.norm3(h)).chunk(2, dim=-1)
         h = block.ff.net[2](hidden * F.gelu(gate)) + h
@@ -264,6 +286,6 @@ class UNetDecoder(nn.Module):
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:
                 h = up.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        eps = net.conv_out(F.silu(net.conv_norm_out(h))).float()
+        eps = net.conv_out(F.silu(group_norm(h, net.conv_norm_out))).float()
         e_cond, e_uncond = eps.chunk(2)
         return ddim_update(x, cfg_mix(e_cond, e_uncond, guidance_scale.reshape(1, 1, 1, 1)), coeffs)
