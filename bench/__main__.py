@@ -24,7 +24,7 @@ from bench.timing import time_cuda, time_wall
 from graph_capture import GraphedFunction
 from models import load_bundle
 from models.step import FusedDenoiseStep, LatentDecoder
-from pipeline.preprocess import canny_hint
+from pipeline.preprocess import canny_edges, edges_to_hint
 from pipeline.runtime import REPO_ROOT, Canny2ImageRuntime, RuntimeConfig
 from profiles.config import get_profile, reference_of
 
@@ -106,7 +106,7 @@ def flops_per_loop(bundle, profile, device) -> float:
 
 
 class Workload:
-    """Test images -> hints, the prompt's context and the seeded initial noise, computed once."""
+    """Test images -> edge maps and float hints, the prompt's context and the seeded initial noise, computed once."""
 
     def __init__(self, cfg: BenchConfig, profile, device):
         from scoring.images import load_test_images
@@ -114,8 +114,9 @@ class Workload:
         self.images = load_test_images(cfg.num_images, cache_root=REPO_ROOT / "build" / "test_images",
                                        height=profile.height,
                                        width=profile.width)
-        self.hints = [torch.from_numpy(canny_hint(im.bgr, min(profile.height, profile.width), 100, 200)[1]).to(device)
+        self.edges = [torch.from_numpy(canny_edges(im.bgr, min(profile.height, profile.width), 100, 200)).to(device)
                       for im in self.images]
+        self.hints = [edges_to_hint(e, 1) for e in self.edges]  # = canny_hint's float hint (tests/test_inputs.py)
         torch.manual_seed(SEED)
         self.x_T = torch.randn(profile.latent_shape, device=device)
 
@@ -138,7 +139,7 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
     ids = tokenize([PROMPT[0]] * 1 + [PROMPT[2]]).to(rt.device)
     row.extra = {
         "text_uncached_ms": time_cuda(lambda: rt.engines.text(ids), runs=cfg.runs).median_ms,
-        "hint_ms": time_cuda(lambda: rt.hint_stage(work.hints[0]), runs=cfg.runs).median_ms,
+        "hint_ms": time_cuda(lambda: rt.hint_stage(work.edges[0]), runs=cfg.runs).median_ms,
         "decode_ms": time_cuda(lambda: rt.decode_stage(work.x_T), runs=cfg.runs).median_ms,
         "process_min_ms": e2e.min_ms,
         "process_max_ms": e2e.max_ms,
@@ -147,8 +148,8 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
     for im in work.images:
         images.append(rt.process(*args(im))[0])
     # latents of the loop itself for the latent error (same noise / hint path as the reference)
-    for hint in work.hints:
-        rt.engines.step.prepare(rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1), rt.hint_stage(hint).clone(),
+    for edges in work.edges:
+        rt.engines.step.prepare(rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1), rt.hint_stage(edges).clone(),
                                 9.0, torch.ones(2, 13))
         latents.append(rt.loop(work.x_T).float().cpu())
     row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30

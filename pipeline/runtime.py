@@ -1,6 +1,6 @@
 """The runtime behind the hackathon interface: one process() call = one image batch, stage by stage.
 
-preprocess (CPU: HWC3, resize, Canny) -> text (cached per prompt pair) -> hint (once per image) ->
+preprocess (CPU: HWC3, resize, Canny; the edge map goes up as uint8) -> text (cached per prompt pair) -> hint (once per image) ->
 denoise (all steps; one CUDA graph replay where the backend allows) -> decode (+ uint8 on the device) -> host.
 Each stage is an NVTX range. Arguments are checked against the static profile before any work is done.
 """
@@ -19,7 +19,7 @@ import torch
 from engines.factory import create_engines, resolve_backend
 from graph_capture import DenoiseLoop, GraphedFunction, nvtx_range
 from models import load_bundle
-from pipeline.preprocess import canny_hint, check_image, resized_shape
+from pipeline.preprocess import canny_edges, check_image, edges_to_hint, hwc3, resized_shape
 from pipeline.prompts import PromptCache, positive_prompt
 from profiles.config import DEFAULT_PROFILE, Backend, Precision, Profile, env_flag, get_profile
 from profiles.errors import ControlNetRTError
@@ -80,11 +80,23 @@ class Canny2ImageRuntime:
         use_graphs = self.engines.capturable and config.cuda_graphs and self.profile.precision is not Precision.FP32
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.loop = DenoiseLoop(self.engines.step, self.profile.ddim_steps, use_graphs, pool=pool)
-        self.hint_stage = (GraphedFunction(self.engines.hint, "the hint encoder", pool=pool)
-                           if use_graphs else self.engines.hint)
+        self.hint_stage = (GraphedFunction(self.encode_hint, "the hint encoder", pool=pool)
+                           if use_graphs else self.encode_hint)
         self.decode_stage = (GraphedFunction(self.engines.decode, "the VAE decoder", pool=pool)
                              if use_graphs else self.engines.decode)
-        self.last_hint_map: "np.ndarray | None" = None
+        # The edge map's host copy: page-locked on a GPU so that its upload is an asynchronous copy.
+        self._edges_host = torch.empty((self.profile.height, self.profile.width), dtype=torch.uint8,
+                                       pin_memory=self.device.type == "cuda")
+        self._last_edges: "np.ndarray | None" = None
+
+    @property
+    def last_hint_map(self) -> "np.ndarray | None":
+        """The last process() call's edge map as the original's `detected_map` (H x W x 3 uint8)."""
+        return None if self._last_edges is None else hwc3(self._last_edges)
+
+    def encode_hint(self, edges: torch.Tensor) -> torch.Tensor:
+        """(H, W) uint8 edge map on the device -> hint features (B, C0, h, w): float hint + the hint encoder."""
+        return self.engines.hint(edges_to_hint(edges, self.profile.num_samples))
 
     @property
     def description(self) -> str:
@@ -115,9 +127,9 @@ class Canny2ImageRuntime:
         self.check_request(input_image, num_samples, image_resolution, ddim_steps, eta, scale, strength)
         b = self.profile.num_samples
         with nvtx_range("preprocess"):
-            detected, hint = canny_hint(input_image, int(image_resolution), low_threshold, high_threshold)
-            self.last_hint_map = detected
-            hint = torch.from_numpy(np.repeat(hint, b, axis=0)).to(self.device, non_blocking=True)
+            self._last_edges = canny_edges(input_image, int(image_resolution), low_threshold, high_threshold)
+            self._edges_host.numpy()[...] = self._last_edges  # the previous upload ended: process() synchronises
+            edges = self._edges_host.to(self.device, non_blocking=True)
         if int(seed) == -1:
             seed = random.randint(0, 65535)
         # pytorch_lightning.seed_everything(seed): python, numpy, torch (CPU and every CUDA device).
@@ -127,7 +139,7 @@ class Canny2ImageRuntime:
         with nvtx_range("text"):
             context = self.prompts.get(positive_prompt(prompt, a_prompt), n_prompt, b)
         with nvtx_range("hint"):
-            hint_features = self.hint_stage(hint)
+            hint_features = self.hint_stage(edges)
         # The first draw from the device generator after seeding, as in the original sampler.
         x_T = torch.randn(self.profile.latent_shape, device=self.device)
         self.engines.step.prepare(context, hint_features, float(scale), control_scales(float(strength), bool(guess_mode)))

@@ -110,3 +110,30 @@ def test_env_variables_feed_the_no_argument_call(monkeypatch, tmp_path):
     h.initialize()
     assert h.runtime.profile.name == "256x384-fp32" and h.runtime.device.type == "cpu"
     assert h.runtime.bundle.source == "synthetic-tiny"
+
+
+def test_device_hint_equals_the_host_hint_bit_for_bit():
+    """The runtime uploads the uint8 edge map and makes the float hint on the device; that must be canny_hint's."""
+    import torch
+
+    from pipeline.preprocess import canny_edges, canny_hint, edges_to_hint
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((300, 420, 3)) * 255).astype(np.uint8)
+    image[100:200, 50:300] = 255  # strong edges as well as noise
+    detected, hint = canny_hint(image, 256, 100, 200)
+    edges = canny_edges(image, 256, 100, 200)
+    assert edges.shape == (256, 384) and set(np.unique(edges)) <= {0, 255} and edges.any()
+    device_hint = edges_to_hint(torch.from_numpy(edges), 2)
+    assert device_hint.shape == (2, 3, 256, 384) and device_hint.dtype == torch.float32
+    assert torch.equal(device_hint, torch.from_numpy(np.repeat(hint, 2, axis=0)))
+    with pytest.raises(ValueError, match="uint8"):
+        edges_to_hint(torch.from_numpy(edges).float(), 1)
+
+
+def test_last_hint_map_is_the_originals_detected_map(hk):
+    from pipeline.preprocess import canny_hint
+
+    image = (np.random.default_rng(1).random((256, 384, 3)) * 255).astype(np.uint8)
+    _call(hk, image)
+    np.testing.assert_array_equal(hk.runtime.last_hint_map, canny_hint(image, 256, 100, 200)[0])

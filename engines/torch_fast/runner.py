@@ -82,6 +82,7 @@ class FastStepRunner:
         self._context = None
         self.cn_kv = self.enc_kv = self.dec_kv = None
         self.hint_features = self.guidance_scale = self.control_scales = None
+        self._scales: "tuple | None" = None  # (guidance scale, control scales) in the device buffers
         self._compile(compiler, bundle)
 
     def _example_inputs(self, bundle: ModelBundle):
@@ -140,10 +141,17 @@ class FastStepRunner:
                 self.enc_kv = _copy_into(self.enc_kv, enc_kv)
             self.dec_kv = _copy_into(self.dec_kv, cross_attention_kv(self.dec.transformers, ctx))
             self._context = context
-        gs = torch.tensor([float(guidance_scale)], dtype=torch.float32)
-        (self.hint_features, self.guidance_scale, self.control_scales) = _copy_into(
-            None if self.hint_features is None else [self.hint_features, self.guidance_scale, self.control_scales],
-            [hint_features.to(self.device, self.dtype), gs.to(self.device), control_scales.to(self.device).float()])
+        self.hint_features = _copy_into(None if self.hint_features is None else [self.hint_features],
+                                        [hint_features.to(self.device, self.dtype)])[0]
+        # Uploading the two scale tables from pageable memory would wait for the GPU's queue (the hint stage) each
+        # image; they change only with the request's scale / strength / guess_mode, so they go up only then.
+        scales = (float(guidance_scale), tuple(control_scales.flatten().tolist()))
+        if scales != self._scales:
+            gs = torch.tensor([scales[0]], dtype=torch.float32)
+            (self.guidance_scale, self.control_scales) = _copy_into(
+                None if self.guidance_scale is None else [self.guidance_scale, self.control_scales],
+                [gs.to(self.device), control_scales.to(self.device).float()])
+            self._scales = scales
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, k: int) -> torch.Tensor:
