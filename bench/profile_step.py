@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from bench.timing import time_cuda
+from bench.timing import time_cuda, time_wall
 from engines.torch_fast.conv_tuning import graph_time_us
 from pipeline.runtime import Canny2ImageRuntime, RuntimeConfig
 
@@ -45,6 +45,32 @@ def write_sequence(path: str, kernels: list) -> None:
             prev_end = max(prev_end, end)
 
 
+def print_host_stages(rt, args) -> None:
+    """One process() call under torch.profiler: each stage's host time (its NVTX / record_function range) and
+    the GPU's idle time inside the call, so the time outside the loop can be attributed."""
+    stages = ("preprocess", "text", "hint", "denoise", "decode", "to-host")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("process"):
+            rt.process(*args)
+    events = prof.events()
+    ranges = {ev.name: ev.time_range for ev in events if ev.device_type == torch.autograd.DeviceType.CPU
+              and ev.name in (*stages, "process")}
+    gpu = sorted((ev.time_range.start, ev.time_range.end) for ev in events
+                 if ev.device_type == torch.autograd.DeviceType.CUDA)
+    total = ranges["process"]
+    line = " ".join(f"{n} {(ranges[n].end - ranges[n].start) / 1e3:.3f}" for n in stages if n in ranges)
+    print(f"host ms per stage: {line}; process {(total.end - total.start) / 1e3:.2f}")
+    if gpu:
+        busy_end, idle = gpu[0][0], 0.0
+        for start, end in gpu:
+            idle += max(0.0, start - busy_end)
+            busy_end = max(busy_end, end)
+        print(f"GPU: first work {(gpu[0][0] - total.start) / 1e3:.3f} ms after process() began, idle "
+              f"{idle / 1e3:.3f} ms between its first and last work, done {(total.end - busy_end) / 1e3:.3f} ms "
+              f"before process() returned")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--compile-mode", default="jit")
@@ -64,6 +90,9 @@ def main(argv=None) -> int:
     step = rt.engines.step
     print(f"loop (one graph, {'twin encoder' if step.twin is not None else '2 streams'}): {t.median_ms:.2f} ms "
           f"(min {t.min_ms:.2f})")
+    print(f"decode {time_cuda(lambda: rt.decode_stage(x), runs=10).median_ms:.3f} ms; "
+          f"process() {time_wall(lambda: rt.process(*args), warmup=2, runs=10).median_ms:.2f} ms")
+    print_host_stages(rt, args)
     if step.side is not None:
         side, step.side = step.side, None
         rt.loop.reset()

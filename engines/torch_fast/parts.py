@@ -14,12 +14,14 @@ The parts walk diffusers' modules (their weights, their configs), so any SD1.5-s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engines.torch_fast.triton_attention import sdpa
-from profiles.config import env_flag
+from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
 
 
@@ -35,7 +37,8 @@ def _resnet(block, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return (x + h) / block.output_scale_factor
 
 
-NHWC_GROUP_NORM = env_flag("CNRT_NHWC_GROUP_NORM", True)  # 0: always F.group_norm (A/B measurements)
+# How a channels_last group norm is computed (A/B measurements): "rows" (default), "two_stage" or "native".
+GROUP_NORM_MODE = os.environ.get("CNRT_GROUP_NORM", "rows")
 
 
 def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor,
@@ -46,15 +49,22 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     A channels_last x is normalised as (B, H*W, groups, C/groups) rows, the order it lies in memory. F.group_norm
     views it as (B, groups, C/groups*H*W) instead, and Inductor then reads each group's channels strided by C
     (a 30-channel group of a 960-channel map: 60 bytes every 1920); at 32x48 such a statistics kernel took up to
-    19.5 us and an apply 15.5 us a call (bench/NOTES.md, session 5)."""
+    19.5 us and an apply 15.5 us a call (bench/NOTES.md, session 5). "two_stage" takes each pixel's group
+    statistics first (a reduction over contiguous channels) and then combines them over the pixels (law of total
+    variance: equal counts, so var = mean of the variances + variance of the means)."""
     b, c, height, width = x.shape
     stacks = weight.numel() // c
-    if not NHWC_GROUP_NORM or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    if GROUP_NORM_MODE == "native" or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         y = F.group_norm(x, num_groups, eps=eps)
         shape = (stacks, -1, c, 1, 1)
         return (y.reshape(stacks, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)).reshape(x.shape)
     rows = x.permute(0, 2, 3, 1).reshape(b, height * width, num_groups, c // num_groups).float()
-    var, mean = torch.var_mean(rows, dim=(1, 3), correction=0, keepdim=True)
+    if GROUP_NORM_MODE == "two_stage":
+        pixel_var, pixel_mean = torch.var_mean(rows, dim=3, correction=0, keepdim=True)
+        var_of_means, mean = torch.var_mean(pixel_mean, dim=1, correction=0, keepdim=True)
+        var = pixel_var.mean(dim=1, keepdim=True) + var_of_means
+    else:
+        var, mean = torch.var_mean(rows, dim=(1, 3), correction=0, keepdim=True)
     y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, b // stacks, height * width, c)
     y = y * weight.reshape(stacks, 1, 1, c).float() + bias.reshape(stacks, 1, 1, c).float()
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
@@ -63,6 +73,30 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """norm(x) for an affine nn.GroupNorm, laid out for x's memory format (see stacked_group_norm)."""
     return stacked_group_norm(x, norm.num_groups, norm.eps, norm.weight, norm.bias)
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed by `group_norm` for 4-D inputs: what diffusers' own blocks (the VAE decoder's) call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not self.affine:
+            return super().forward(x)
+        return group_norm(x, self)
+
+
+def use_channels_last_group_norm(module: nn.Module) -> int:
+    """Replaces every nn.GroupNorm inside module by a ChannelsLastGroupNorm with the same parameters; -> count."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                new = ChannelsLastGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine,
+                                            device=child.weight.device if child.affine else None,
+                                            dtype=child.weight.dtype if child.affine else None)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+                count += 1
+    return count
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -90,8 +124,8 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) ->
         q = _heads(attn2.to_q(block.norm2(h)), attn2.heads)
         a = sdpa(q, kv[2 * i], kv[2 * i + 1])
         h = attn2.to_out[0](_merge_heads(a)) + h
-        hidden, gate = block.ff.net[0].proj(block.norm3(h)).chunk(2, dim=-1)
-        h = block.ff.net[2](hidden * F.gelu(gate)) + h
+        proj = block.ff.net[0].proj
+        h = block.ff.net[2](geglu(block.norm3(h), proj.weight, proj.bias)) + h
     h = h.reshape(b, height, width, inner).permute(0, 3, 1, 2)
     return model.proj_out(h) + residual
 

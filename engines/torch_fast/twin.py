@@ -25,6 +25,7 @@ from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
                                       _transformers_of_up, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
+from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
@@ -190,8 +191,7 @@ class _TwinTransformer(nn.Module):
             q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
             h = block.out2(per_group(_merge_heads(a))) + h
-            hidden, gate = block.ff1(block.norm3(h)).chunk(2, dim=-1)
-            h = block.ff2(hidden * F.gelu(gate)) + h
+            h = block.ff2(geglu(block.norm3(h), block.ff1.weight, block.ff1.bias)) + h
         return _from_rows(self.proj_out(h), n, height, width) + x
 
 

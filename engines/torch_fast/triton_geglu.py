@@ -1,0 +1,144 @@
+"""The feed-forward's first half, GEGLU, as one Triton GEMM: hidden * gelu(gate) leaves the kernel, not [hidden, gate].
+
+Why: every transformer block's feed-forward starts with proj (C -> 2 * 4C) and then `hidden * F.gelu(gate)`. With
+cuBLAS the GEMM writes the 2 * 4C-wide product and an Inductor kernel reads it back for the GELU: at 32x48 on the
+twin encoder that kernel alone takes 15 us a call, and the GELU kernels add up to about 107 us a step, 2.1 ms a loop
+on an H200 (bench/NOTES.md, session 5). Here each program computes the hidden and the gate tile of the same output
+columns (two accumulators over the same A tile), adds the biases and writes hidden * gelu(gate): half the GEMM's
+stores and no second kernel.
+
+`geglu` is what the step calls: the kernel (as the operator cnrt::geglu_linear, which torch.compile keeps whole)
+on CUDA for shapes it tiles (K a multiple of 64, 4C a multiple of 128), else the same arithmetic in torch.
+Weights are used as they lie: (2 * 4C, K) nn.Linear weights or the twin's stacked (groups, K, 2 * 4C) matrices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from profiles.config import env_flag
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = tl = None
+
+BLOCK_K = 64
+MIN_BLOCK_N = 128  # the output width must be a multiple of every config's BLOCK_N
+ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU (A/B measurements)
+
+if triton is not None:
+
+    def _configs():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4),
+                                     (128, 128, 8, 4), (64, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+                                     (128, 128, 8, 2))]
+
+    @triton.jit
+    def _geglu_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, N_OUT, K,
+                      s_ag, s_am, s_wg, s_wk, s_wn, s_bg, s_og, s_om,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        a_ptrs = a_ptr + g * s_ag + offs_m[:, None] * s_am + offs_k[None, :]
+        h_ptrs = w_ptr + g * s_wg + offs_k[:, None] * s_wk + offs_n[None, :] * s_wn  # (BLOCK_K, BLOCK_N)
+        gate_offset = N_OUT * s_wn  # the gate's columns follow the hidden ones
+        acc_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for _ in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (checked by the caller)
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            acc_h = tl.dot(a, tl.load(h_ptrs), acc_h)
+            acc_g = tl.dot(a, tl.load(h_ptrs + gate_offset), acc_g)
+            a_ptrs += BLOCK_K
+            h_ptrs += BLOCK_K * s_wk
+        if HAS_BIAS:
+            acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
+        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))  # exact GELU, as F.gelu
+        tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None])
+
+    # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
+    _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
+
+
+def _as_groups(weight: torch.Tensor, bias: "torch.Tensor | None"):
+    """-> (weight as (G, K, 2N) strided view, bias (G, 2N) or None): nn.Linear (2N, K) weights are read transposed."""
+    if weight.dim() == 2:
+        weight, bias = weight.t()[None], None if bias is None else bias[None]
+    return weight, bias
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
+    """hidden * gelu(gate) for [hidden, gate] = x @ W (+ bias), in torch: the CPU path and the kernel's reference.
+    x (rows.., K) with a (2N, K) Linear weight, or (G, rows, K) with a stacked (G, K, 2N) one."""
+    if weight.dim() == 2:
+        product = F.linear(x, weight, bias)
+    else:
+        product = torch.bmm(x, weight) + (0 if bias is None else bias[:, None, :])
+    hidden, gate = product.chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    k = x.shape[-1]
+    n_out = (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
+    return k % BLOCK_K == 0 and n_out % MIN_BLOCK_N == 0
+
+
+def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
+                 config: "tuple[int, int, int, int] | None" = None) -> torch.Tensor:
+    """The kernel itself: x (rows.., K) with an nn.Linear weight (2N, K), or x (G, rows, K) with a stacked weight
+    (G, K, 2N); bias (2N,) / (G, 2N) or None. -> (rows.., N) / (G, rows, N) in x's dtype.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages); None autotunes over _configs() (needs a GPU)."""
+    if not fits(x, weight):
+        raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
+    w, b = _as_groups(weight, bias)
+    groups, k, two_n = w.shape
+    n_out = two_n // 2
+    a = x.reshape(groups, -1, k)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    m = a.shape[1]
+    out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
+    args = (a, w, b if b is not None else w, out, m, n_out, k, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+            w.stride(2), 0 if b is None else b.stride(0), out.stride(0), out.stride(1))
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
+        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K)
+    else:
+        block_m, block_n, warps, stages = config
+        _geglu_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
+            *args, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps,
+            num_stages=stages)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("cnrt::geglu_linear", mutates_args=(), device_types="cuda")
+    def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return geglu_linear(x, weight, bias)
+
+    @_geglu_op.register_fake
+    def _(x, weight, bias):
+        n_out = (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
+        return x.new_empty(*x.shape[:-1], n_out)
+
+
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
+    """hidden * gelu(gate) of x's projection: the Triton kernel on CUDA where it tiles the shape, else torch."""
+    if ENABLED and triton is not None and x.is_cuda and fits(x, weight):
+        return torch.ops.cnrt.geglu_linear(x, weight, bias)
+    return reference(x, weight, bias)

@@ -1,0 +1,80 @@
+"""The GEGLU GEMM kernel computes hidden * gelu(gate) of x's projection, for both weight layouts the step passes.
+
+CPU: the kernel through Triton's interpreter (nn.Linear weights read transposed; the twin's stacked (G, K, 2N)
+weights; a row count that does not fill a block; with and without bias). GPU: the SD1.5 shapes, and the operator
+inside torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.triton_interpreter import run_interpreted
+
+GEGLU_CHECK = r"""
+import sys
+import torch
+from engines.torch_fast.triton_geglu import geglu_linear, reference
+groups, rows, k, n_out, with_bias = (int(v) for v in sys.argv[1:])
+torch.manual_seed(0)
+if groups == 0:  # an nn.Linear weight (2N, K), x (B, T, K)
+    x = torch.randn(2, rows, k)
+    weight = torch.randn(2 * n_out, k) / k ** 0.5
+    bias = torch.randn(2 * n_out) if with_bias else None
+else:  # the twin's stacked (G, K, 2N) matrices, x (G, rows, K)
+    x = torch.randn(groups, rows, k)
+    weight = torch.randn(groups, k, 2 * n_out) / k ** 0.5
+    bias = torch.randn(groups, 2 * n_out) if with_bias else None
+x, weight = x.half(), weight.half()
+bias = None if bias is None else bias.half()
+got = geglu_linear(x, weight, bias, config=(64, 128, 4, 2))
+ref = reference(x.float(), weight.float(), None if bias is None else bias.float())
+assert got.shape == ref.shape and got.dtype == torch.float16, (got.shape, got.dtype)
+print((got.float() - ref).abs().max().item())
+"""
+
+
+@pytest.mark.parametrize("groups,rows,k,n_out,with_bias", [
+    (0, 40, 64, 128, 1),    # Linear weight, rows that do not fill a block
+    (2, 70, 128, 128, 1),   # stacked twin weights, two K steps
+    (1, 64, 64, 256, 0),    # no bias, two column blocks
+])
+def test_geglu_kernel_equals_reference_interpreted(groups, rows, k, n_out, with_bias):
+    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, with_bias)], timeout=900)
+    assert float(out.strip().splitlines()[-1]) < 2e-2
+
+
+def test_geglu_falls_back_on_cpu_and_untiled_shapes():
+    from engines.torch_fast import triton_geglu
+
+    x = torch.randn(2, 5, 32)
+    weight, bias = torch.randn(96, 32), torch.randn(96)
+    assert not triton_geglu.fits(x, weight)  # K=32 is not a multiple of 64
+    hidden, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+    torch.testing.assert_close(triton_geglu.geglu(x, weight, bias), hidden * torch.nn.functional.gelu(gate))
+    with pytest.raises(ValueError, match="multiple"):
+        triton_geglu.geglu_linear(x, weight, bias)
+
+
+SD15_FF = [(0, 1536, 320, 1280), (2, 3072, 320, 1280), (0, 384, 640, 2560), (2, 192, 1280, 5120), (0, 96, 1280, 5120)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,rows,k,n_out", SD15_FF)
+def test_geglu_kernel_on_sd15_shapes(groups, rows, k, n_out):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from engines.torch_fast import triton_geglu
+
+    g = torch.Generator("cuda").manual_seed(0)
+    shape = (2, rows, k) if groups == 0 else (groups, rows, k)
+    x = torch.randn(*shape, device="cuda", generator=g).half()
+    wshape = (2 * n_out, k) if groups == 0 else (groups, k, 2 * n_out)
+    weight = (torch.randn(*wshape, device="cuda", generator=g) / k ** 0.5).half()
+    bias = torch.randn(*wshape[:-2], 2 * n_out, device="cuda", generator=g).half() if groups else \
+        torch.randn(2 * n_out, device="cuda", generator=g).half()
+    ref = triton_geglu.reference(x.float(), weight.float(), bias.float())
+    got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias)
+    assert got.shape == ref.shape
+    assert (got.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item() / 8)
