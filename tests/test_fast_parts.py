@@ -78,20 +78,6 @@ def test_channels_last_group_norm_equals_group_norm(stacks):
     torch.testing.assert_close(stacked_group_norm(x.contiguous(), 32, 1e-5, weight, bias), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_two_stage_group_norm_equals_group_norm(monkeypatch):
-    """The two-stage statistics (per pixel, then combined over pixels) give F.group_norm's result."""
-    import torch.nn.functional as F
-
-    from engines.torch_fast import parts
-
-    monkeypatch.setattr(parts, "GROUP_NORM_MODE", "two_stage")
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(4, 64, 5, 7, generator=g) * 2 - 3).to(memory_format=torch.channels_last)
-    weight, bias = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
-    ref = torch.cat([F.group_norm(half, 16, w, b, 1e-6) for half, w, b in zip(x.contiguous().chunk(2), weight, bias)])
-    torch.testing.assert_close(parts.stacked_group_norm(x, 16, 1e-6, weight, bias), ref, atol=2e-5, rtol=1e-5)
-
-
 def test_vae_group_norms_swapped_keep_their_function(tiny_bundle):
     """use_channels_last_group_norm swaps every nn.GroupNorm of the VAE decoder; its output does not change."""
     import copy

@@ -37,7 +37,7 @@ def _resnet(block, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return (x + h) / block.output_scale_factor
 
 
-# How a channels_last group norm is computed (A/B measurements): "rows" (default), "two_stage" or "native".
+# How a channels_last group norm is computed (A/B measurements): "rows" (default) or "native" (F.group_norm).
 GROUP_NORM_MODE = os.environ.get("CNRT_GROUP_NORM", "rows")
 
 
@@ -49,9 +49,7 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     A channels_last x is normalised as (B, H*W, groups, C/groups) rows, the order it lies in memory. F.group_norm
     views it as (B, groups, C/groups*H*W) instead, and Inductor then reads each group's channels strided by C
     (a 30-channel group of a 960-channel map: 60 bytes every 1920); at 32x48 such a statistics kernel took up to
-    19.5 us and an apply 15.5 us a call (bench/NOTES.md, session 5). "two_stage" takes each pixel's group
-    statistics first (a reduction over contiguous channels) and then combines them over the pixels (law of total
-    variance: equal counts, so var = mean of the variances + variance of the means)."""
+    19.5 us and an apply 15.5 us a call (bench/NOTES.md, session 5)."""
     b, c, height, width = x.shape
     stacks = weight.numel() // c
     if GROUP_NORM_MODE == "native" or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
@@ -59,12 +57,7 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
         shape = (stacks, -1, c, 1, 1)
         return (y.reshape(stacks, -1, *x.shape[1:]) * weight.reshape(shape) + bias.reshape(shape)).reshape(x.shape)
     rows = x.permute(0, 2, 3, 1).reshape(b, height * width, num_groups, c // num_groups).float()
-    if GROUP_NORM_MODE == "two_stage":
-        pixel_var, pixel_mean = torch.var_mean(rows, dim=3, correction=0, keepdim=True)
-        var_of_means, mean = torch.var_mean(pixel_mean, dim=1, correction=0, keepdim=True)
-        var = pixel_var.mean(dim=1, keepdim=True) + var_of_means
-    else:
-        var, mean = torch.var_mean(rows, dim=(1, 3), correction=0, keepdim=True)
+    var, mean = torch.var_mean(rows, dim=(1, 3), correction=0, keepdim=True)
     y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, b // stacks, height * width, c)
     y = y * weight.reshape(stacks, 1, 1, c).float() + bias.reshape(stacks, 1, 1, c).float()
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
