@@ -87,10 +87,12 @@ CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (12
 
 # Up to this many query-key pairs per call (batch x heads x queries x keys) the step uses this kernel, above it
 # cuDNN SDPA. H200, CUDA-graph time per call from `python3 -m bench.attention_backends` (bench/NOTES.md, session 5):
-# every cross-attention and the self-attentions at 16x24 and below (at most 3.8M pairs) take 3.7-10.7 us here
-# against cuDNN's 7.3-11.9; self-attention at 32x48 (38M and 75M pairs) ties at batch 2 (33.0 against 33.9 us)
-# and loses at batch 4 (58.2 against 49.4), and in the loop the Triton kernel there was slower (77.50 against
-# 76.93 ms), so it stays on cuDNN. CNRT_TRITON_ATTENTION_MAX_PAIRS overrides the limit (experiments).
+# every cross-attention (at most 3.8M pairs) and the self-attentions at 8x12 and below, plus the decoder's at 16x24
+# (2.4M), take 3.7-8.0 us here against cuDNN's 7.3-11.9. The twin's self-attention at 16x24 (4.7M pairs: 10.7
+# against 10.8 us) stays on cuDNN at this limit; moving it was not measured in the loop. Self-attention at 32x48
+# (38M and 75M pairs) ties at batch 2 (33.0 against 33.9 us) and loses at batch 4 (58.2 against 49.4); in the loop
+# Triton there was slower (77.50 against 76.93 ms), so it stays on cuDNN. CNRT_TRITON_ATTENTION_MAX_PAIRS overrides
+# the limit (experiments).
 MAX_PAIRS = int(float(os.environ.get("CNRT_TRITON_ATTENTION_MAX_PAIRS", 4e6)))
 ENABLED = env_flag("CNRT_TRITON_ATTENTION", True)  # 0: cuDNN SDPA everywhere (A/B measurements)
 
