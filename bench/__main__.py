@@ -149,8 +149,8 @@ def run_ours(cfg, work, profile) -> tuple[Row, list, list, object]:
         images.append(rt.process(*args(im))[0])
     # latents of the loop itself for the latent error (same noise / hint path as the reference)
     for edges in work.edges:
-        rt.engines.step.prepare(rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1), rt.hint_stage(edges).clone(),
-                                9.0, torch.ones(2, 13))
+        context = rt.prompts.get(PROMPT[0] + ", " + PROMPT[1], PROMPT[2], 1)
+        rt.engines.step.prepare(context, rt.hint_stage(edges).clone(), 9.0, torch.ones(2, 13))
         latents.append(rt.loop(work.x_T).float().cpu())
     row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     return row, images, latents, rt

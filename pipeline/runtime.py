@@ -1,7 +1,8 @@
 """The runtime behind the hackathon interface: one process() call = one image batch, stage by stage.
 
-preprocess (CPU: HWC3, resize, Canny; the edge map goes up as uint8) -> text (cached per prompt pair) -> hint (once per image) ->
-denoise (all steps; one CUDA graph replay where the backend allows) -> decode (+ uint8 on the device) -> host.
+preprocess (CPU: HWC3, resize, Canny; the edge map goes up as uint8) -> text (cached per prompt pair) ->
+hint (once per image; /255 and HWC3 on the device) -> denoise (all steps; one CUDA graph replay where the backend
+allows) -> decode (+ uint8 on the device) -> host.
 Each stage is an NVTX range. Arguments are checked against the static profile before any work is done.
 """
 
