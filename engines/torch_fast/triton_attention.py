@@ -77,10 +77,6 @@ if triton is not None:
                  acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def available() -> bool:
-    return triton is not None
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates that bench.attention_backends sweeps per shape.
 CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2),
            (128, 128, 8, 2), (128, 128, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2))

@@ -91,10 +91,13 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None"
     return hidden * F.gelu(gate)
 
 
+def output_width(weight: torch.Tensor) -> int:
+    """N, the width of hidden * gelu(gate), for a (2N, K) Linear weight or a stacked (G, K, 2N) one."""
+    return (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    k = x.shape[-1]
-    n_out = (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
-    return k % BLOCK_K == 0 and n_out % MIN_BLOCK_N == 0
+    return x.shape[-1] % BLOCK_K == 0 and output_width(weight) % MIN_BLOCK_N == 0
 
 
 def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
@@ -105,8 +108,7 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
     if not fits(x, weight):
         raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
     w, b = _as_groups(weight, bias)
-    groups, k, two_n = w.shape
-    n_out = two_n // 2
+    groups, k, n_out = w.shape[0], w.shape[1], output_width(weight)
     a = x.reshape(groups, -1, k)
     if a.stride(-1) != 1:
         a = a.contiguous()
@@ -133,8 +135,7 @@ if triton is not None:
 
     @_geglu_op.register_fake
     def _(x, weight, bias):
-        n_out = (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
-        return x.new_empty(*x.shape[:-1], n_out)
+        return x.new_empty(*x.shape[:-1], output_width(weight))
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
