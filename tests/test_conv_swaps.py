@@ -14,7 +14,7 @@ from torch import nn
 from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvChoice, TuningTable
 from engines.torch_fast.gemm_conv import GemmConv2d, TritonConv2d, is_wide, pointwise_as_matmul, triton_candidate
-from engines.torch_fast.triton_conv import ConvConfig, candidate_configs
+from engines.torch_fast.triton_conv import ConvConfig, candidate_configs, output_box, tma_candidate_configs
 from tests.triton_interpreter import run_interpreted
 
 CASES = [  # (Cin, Cout, kernel, stride, padding, bias, H, W)
@@ -109,6 +109,67 @@ def test_sum_only_is_the_split_k_sum_without_the_finish():
     assert float(out.strip().splitlines()[-1]) < 2e-3
 
 
+TMA_CHECK = r"""
+import sys
+import torch, torch.nn.functional as F
+from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc, weight_matrix
+cin, cout, h, w, split, groups, n, bi, bh, bw, sc, res = (int(v) for v in sys.argv[1:])
+torch.manual_seed(2)
+x = torch.randn(n * groups, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+ws = [torch.randn(cout, cin, 3, 3).half() * 0.05 for _ in range(groups)]
+bs = torch.randn(groups, cout).half()
+x2 = torch.randn(n * groups, sc, h, w).half().contiguous(memory_format=torch.channels_last) if sc else None
+w2 = [torch.randn(cout, sc, 1, 1).half() * 0.05 for _ in range(groups)] if sc else [None] * groups
+r = torch.randn(n * groups, cout, h, w).half().contiguous(memory_format=torch.channels_last) if res else None
+mat = torch.stack([weight_matrix(a, b) for a, b in zip(ws, w2)])
+mat, bias = (mat[0], bs[0]) if groups == 1 else (mat, bs)
+cfg = ConvConfig(bi * bh * bw, 32, 32, split, 4, 2, box=(bi, bh, bw))
+got = conv2d_nhwc(x, mat, bias, 3, 1, 1, cfg, groups=groups, shortcut=x2, residual=r).float()
+refs = []
+for g in range(groups):
+    sl = slice(g * n, (g + 1) * n)
+    y = F.conv2d(x[sl].float(), ws[g].float(), bs[g].float(), 1, 1)
+    y = y + (F.conv2d(x2[sl].float(), w2[g].float()) if sc else 0) + (r[sl].float() if res else 0)
+    refs.append(y)
+ref = torch.cat(refs)
+assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+print(((got - ref).norm() / ref.norm()).item())
+"""
+
+
+@pytest.mark.parametrize("case", [
+    "64 64 6 8 1 1 2 1 4 8 0 0",     # box inside the map, one image per box
+    "64 96 5 7 3 2 2 2 2 4 0 0",     # boxes overhang both edges; two images a box; groups; split-K
+    "32 64 6 8 1 2 1 1 4 4 64 1",    # shortcut rows and residual epilogue
+    "128 64 8 12 5 1 2 2 4 16 128 0",  # a split whose K range crosses from the taps into the shortcut
+])
+def test_tma_conv_equals_conv2d_interpreted(case):
+    """The TMA kernel's boxes (tap shifts, zero fill past the border, images past the group), run by the
+    interpreter. Arguments: cin cout h w split groups n box_i box_h box_w shortcut residual."""
+    out = run_interpreted(TMA_CHECK, case.split())
+    assert float(out.strip().splitlines()[-1]) < 2e-3
+
+
+def test_output_box_tiles_the_step_maps_with_least_waste():
+    assert output_box(2, 32, 48, 128) == (2, 4, 16)  # 48 = 3 x 16: no pixel wasted
+    assert output_box(2, 8, 12, 64) == (2, 8, 4)
+    assert output_box(2, 4, 6, 64) == (2, 4, 8)  # 48 of 64 pixels: the least waste a 64-pixel box allows
+    for images, h, w, bm in [(2, 32, 48, 128), (2, 16, 24, 64), (1, 32, 48, 256), (2, 8, 12, 128)]:
+        bi, bh, bw = output_box(images, h, w, bm)
+        assert bi * bh * bw == bm
+
+
+def test_tma_candidates_fit_and_avoid_the_miscompiled_case():
+    configs = tma_candidate_configs(2, 8, 12, 1280, 1280, 3, shortcut_channels=1920)
+    assert configs and all(c.box is not None and triton_conv.supports(1280, 3, c, 1920) for c in configs)
+    # 8 warps, or 128-row tiles under a K split, with the shortcut loop: wrong sums on the GPU
+    assert all(c.num_warps == 4 and (c.block_m == 64 or c.split_k == 1) for c in configs)
+    assert not tma_candidate_configs(2, 32, 48, 4, 320, 3)  # Cout 4: rows under TMA's 16 bytes
+    with pytest.raises(ValueError, match="stride"):
+        triton_conv.conv2d_nhwc(torch.zeros(1, 64, 8, 8).half(), torch.zeros(576, 64).half(), None, 3, 2, 1,
+                                ConvConfig(64, 64, 64, 1, 4, 3, box=(1, 8, 8)))
+
+
 def test_triton_conv_rejects_configs_that_do_not_divide_k():
     conv = nn.Conv2d(96, 64, 3, padding=1)
     with pytest.raises(ValueError, match="does not fit"):
@@ -199,5 +260,38 @@ def test_triton_conv_matches_cudnn_on_sd15_shapes(n, cin, h, w, cout, stride):
     oh, ow = ref.shape[-2:]
     for cfg in candidate_configs(n * oh * ow, cout, cin, 3):
         got = TritonConv2d(conv, cfg)(x).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, f"{cfg}: relative error {err:.2e}"
+
+
+TMA_SHAPES = [(2, 2, 1280, 8, 12, 1280, 1920), (1, 2, 640, 32, 48, 320, 0), (2, 2, 640, 16, 24, 640, 320),
+              (1, 2, 1280, 4, 6, 1280, 2560)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,n,cin,h,w,cout,shortcut", TMA_SHAPES)
+def test_tma_conv_candidates_match_cudnn_on_sd15_shapes(groups, n, cin, h, w, cout, shortcut):
+    """Every TMA config the tuner may pick, against cuDNN, on step shapes (with the fused shortcut too)."""
+    from engines.torch_fast.triton_conv import conv2d_nhwc, weight_matrix
+
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(groups * n, cin, h, w, device="cuda", generator=g).half().contiguous(
+        memory_format=torch.channels_last)
+    x2 = (torch.randn(groups * n, shortcut, h, w, device="cuda", generator=g).half()
+          .contiguous(memory_format=torch.channels_last) if shortcut else None)
+    ws = [torch.randn(cout, cin, 3, 3, device="cuda", generator=g).half() * 0.02 for _ in range(groups)]
+    w2s = [torch.randn(cout, shortcut, 1, 1, device="cuda", generator=g).half() * 0.02 if shortcut else None
+           for _ in range(groups)]
+    bias = torch.randn(groups, cout, device="cuda", generator=g).half()
+    refs = []
+    for i in range(groups):
+        sl = slice(i * n, (i + 1) * n)
+        y = torch.nn.functional.conv2d(x[sl], ws[i], bias[i], padding=1)
+        refs.append(y + torch.nn.functional.conv2d(x2[sl], w2s[i]) if shortcut else y)
+    ref = torch.cat(refs).float()
+    mat = torch.stack([weight_matrix(a, b) for a, b in zip(ws, w2s)])
+    mat, b = (mat[0], bias[0]) if groups == 1 else (mat, bias)
+    for cfg in tma_candidate_configs(n, h, w, cout, cin, 3, shortcut, groups):
+        got = conv2d_nhwc(x, mat, b, 3, 1, 1, cfg, groups=groups, shortcut=x2).float()
         err = ((got - ref).norm() / ref.norm()).item()
         assert err < 2e-3, f"{cfg}: relative error {err:.2e}"

@@ -69,7 +69,7 @@ class TritonConv2d(nn.Module):
         if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
                 or conv.padding[0] != conv.padding[1]:
             raise ValueError(f"TritonConv2d needs a square kernel, stride and padding: {conv}")
-        if not triton_conv.supports(conv.in_channels, conv.kernel_size[0], config):
+        if not triton_conv.supports(conv.in_channels, conv.kernel_size[0], config, stride=conv.stride[0]):
             raise ValueError(f"config {config} does not fit {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
