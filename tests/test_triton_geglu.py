@@ -1,7 +1,7 @@
 """The GEGLU GEMM kernel computes hidden * gelu(gate) of x's projection, for both weight layouts the step passes.
 
-CPU: the kernel through Triton's interpreter (nn.Linear weights read transposed; the twin's stacked (G, K, 2N)
-weights; a row count that does not fill a block; with and without bias). GPU: the SD1.5 shapes, and the operator
+CPU: the kernel and its TMA variant through Triton's interpreter (nn.Linear weights read transposed; the twin's
+stacked (G, K, 2N) weights; a row count that does not fill a block; with and without bias). GPU: the SD1.5 shapes, and the operator
 inside torch.compile.
 """
 
@@ -15,8 +15,8 @@ from tests.triton_interpreter import run_interpreted
 GEGLU_CHECK = r"""
 import sys
 import torch
-from engines.torch_fast.triton_geglu import geglu_linear, reference
-groups, rows, k, n_out, with_bias = (int(v) for v in sys.argv[1:])
+from engines.torch_fast.triton_geglu import geglu_linear, geglu_linear_tma, reference
+groups, rows, k, n_out, with_bias, tma = (int(v) for v in sys.argv[1:])
 torch.manual_seed(0)
 if groups == 0:  # an nn.Linear weight (2N, K), x (B, T, K)
     x = torch.randn(2, rows, k)
@@ -28,20 +28,21 @@ else:  # the twin's stacked (G, K, 2N) matrices, x (G, rows, K)
     bias = torch.randn(groups, 2 * n_out) if with_bias else None
 x, weight = x.half(), weight.half()
 bias = None if bias is None else bias.half()
-got = geglu_linear(x, weight, bias, config=(64, 128, 4, 2))
+got = (geglu_linear_tma if tma else geglu_linear)(x, weight, bias, config=(64, 128, 4, 2))
 ref = reference(x.float(), weight.float(), None if bias is None else bias.float())
 assert got.shape == ref.shape and got.dtype == torch.float16, (got.shape, got.dtype)
 print((got.float() - ref).abs().max().item())
 """
 
 
+@pytest.mark.parametrize("tma", [0, 1], ids=["gather", "tma"])
 @pytest.mark.parametrize("groups,rows,k,n_out,with_bias", [
     (0, 40, 64, 128, 1),    # Linear weight, rows that do not fill a block
-    (2, 70, 128, 128, 1),   # stacked twin weights, two K steps
+    (2, 70, 128, 128, 1),   # stacked twin weights, two K steps; the TMA kernel's tiles run past group 0's rows
     (1, 64, 64, 256, 0),    # no bias, two column blocks
 ])
-def test_geglu_kernel_equals_reference_interpreted(groups, rows, k, n_out, with_bias):
-    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, with_bias)], timeout=900)
+def test_geglu_kernel_equals_reference_interpreted(groups, rows, k, n_out, with_bias, tma):
+    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, with_bias, tma)], timeout=900)
     assert float(out.strip().splitlines()[-1]) < 2e-2
 
 

@@ -69,6 +69,39 @@ if triton is not None:
         tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
+    @triton.jit
+    def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, s_bg, s_og, s_om,
+                          HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
+        past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
+        stacked matrices) else the (2N, K) Linear weight."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        row0 = g * M + pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            if W_KN:
+                wh = w_desc.load([g * K + k0, n0])
+                wg = w_desc.load([g * K + k0, N_OUT + n0])
+            else:
+                wh = w_desc.load([n0, k0]).T
+                wg = w_desc.load([N_OUT + n0, k0]).T
+            acc_h = tl.dot(a, wh, acc_h)
+            acc_g = tl.dot(a, wg, acc_g)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
+        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))
+        tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m < M)[:, None])
+
     # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
     _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
 
@@ -124,6 +157,31 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
         _geglu_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps,
             num_stages=stages)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
+                     config: "tuple[int, int, int, int]") -> torch.Tensor:
+    """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if not fits(x, weight):
+        raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
+    block_m, block_n, warps, stages = config
+    w_kn = weight.dim() == 3
+    b = bias if bias is None or bias.dim() == 2 else bias[None]
+    groups = weight.shape[0] if w_kn else 1
+    k, n_out = x.shape[-1], output_width(weight)
+    a = x.reshape(groups, -1, k).contiguous()
+    m = a.shape[1]
+    a_desc = TensorDescriptor.from_tensor(a.reshape(groups * m, k), [block_m, BLOCK_K])
+    w_desc = (TensorDescriptor.from_tensor(weight.contiguous().reshape(groups * k, 2 * n_out), [BLOCK_K, block_n])
+              if w_kn else TensorDescriptor.from_tensor(weight.contiguous(), [block_n, BLOCK_K]))
+    out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
+    _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
+        a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
+        out.stride(0), out.stride(1), HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages)
     return out.reshape(*x.shape[:-1], n_out)
 
 
