@@ -170,6 +170,37 @@ def test_tma_candidates_fit_and_avoid_the_miscompiled_case():
                                 ConvConfig(64, 64, 64, 1, 4, 3, box=(1, 8, 8)))
 
 
+TUNER_CHECK = r"""
+import torch
+from engines.torch_fast.conv_tuning import ConvShape, conv_inputs, cudnn_call, relative_error, triton_call
+from engines.torch_fast.triton_conv import ConvConfig
+cpu = torch.device("cpu")
+for shape, cfg in [(ConvShape(1, 64, 6, 8, 64, 3, 1, 1, groups=2, shortcut=64), ConvConfig(32, 32, 64, 2, 4, 2)),
+                   (ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvConfig(64, 32, 64, 1, 4, 2, box=(2, 4, 8))),
+                   (ConvShape(2, 64, 6, 8, 64, 3, 2, 1), ConvConfig(16, 32, 64, 1, 4, 2))]:
+    t = conv_inputs(shape, device=cpu, copies=2)
+    for i in range(2):  # every argument set: the Triton call against the cuDNN one, as the tuner checks them
+        ref = cudnn_call(shape, t, i).float()
+        print(relative_error(triton_call(shape, t, i, cfg, sum_only=False), ref))
+"""
+
+
+def test_tuner_inputs_and_calls_agree_interpreted():
+    """What the tuner checks and times (its inputs, the cuDNN call and the Triton call), on the CPU: groups with a
+    shortcut and split-K, the TMA kernel, a stride-2 map."""
+    out = run_interpreted(TUNER_CHECK, [])
+    errors = [float(v) for v in out.split()]
+    assert len(errors) == 6 and max(errors) < 2e-3, errors
+
+
+def test_conv_shape_key_round_trips():
+    from engines.torch_fast.conv_tuning import ConvShape
+
+    for shape in [ConvShape(2, 1280, 8, 12, 1280, 3, 1, 1, groups=2, shortcut=640),
+                  ConvShape(1, 320, 32, 48, 4, 3, 2, 1), ConvShape(2, 2560, 4, 6, 1280, 3, 1, 1, shortcut=2560)]:
+        assert ConvShape.from_key(shape.key) == shape
+
+
 def test_triton_conv_rejects_configs_that_do_not_divide_k():
     conv = nn.Conv2d(96, 64, 3, padding=1)
     with pytest.raises(ValueError, match="does not fit"):
@@ -272,26 +303,11 @@ TMA_SHAPES = [(2, 2, 1280, 8, 12, 1280, 1920), (1, 2, 640, 32, 48, 320, 0), (2, 
 @pytest.mark.parametrize("groups,n,cin,h,w,cout,shortcut", TMA_SHAPES)
 def test_tma_conv_candidates_match_cudnn_on_sd15_shapes(groups, n, cin, h, w, cout, shortcut):
     """Every TMA config the tuner may pick, against cuDNN, on step shapes (with the fused shortcut too)."""
-    from engines.torch_fast.triton_conv import conv2d_nhwc, weight_matrix
+    from engines.torch_fast.conv_tuning import ConvShape, conv_inputs, cudnn_call, relative_error, triton_call
 
-    g = torch.Generator("cuda").manual_seed(2)
-    x = torch.randn(groups * n, cin, h, w, device="cuda", generator=g).half().contiguous(
-        memory_format=torch.channels_last)
-    x2 = (torch.randn(groups * n, shortcut, h, w, device="cuda", generator=g).half()
-          .contiguous(memory_format=torch.channels_last) if shortcut else None)
-    ws = [torch.randn(cout, cin, 3, 3, device="cuda", generator=g).half() * 0.02 for _ in range(groups)]
-    w2s = [torch.randn(cout, shortcut, 1, 1, device="cuda", generator=g).half() * 0.02 if shortcut else None
-           for _ in range(groups)]
-    bias = torch.randn(groups, cout, device="cuda", generator=g).half()
-    refs = []
-    for i in range(groups):
-        sl = slice(i * n, (i + 1) * n)
-        y = torch.nn.functional.conv2d(x[sl], ws[i], bias[i], padding=1)
-        refs.append(y + torch.nn.functional.conv2d(x2[sl], w2s[i]) if shortcut else y)
-    ref = torch.cat(refs).float()
-    mat = torch.stack([weight_matrix(a, b) for a, b in zip(ws, w2s)])
-    mat, b = (mat[0], bias[0]) if groups == 1 else (mat, bias)
+    shape = ConvShape(n, cin, h, w, cout, 3, 1, 1, groups, shortcut)
+    t = conv_inputs(shape, copies=1)
+    ref = cudnn_call(shape, t, 0).float()
     for cfg in tma_candidate_configs(n, h, w, cout, cin, 3, shortcut, groups):
-        got = conv2d_nhwc(x, mat, b, 3, 1, 1, cfg, groups=groups, shortcut=x2).float()
-        err = ((got - ref).norm() / ref.norm()).item()
+        err = relative_error(triton_call(shape, t, 0, cfg, sum_only=False), ref)
         assert err < 2e-3, f"{cfg}: relative error {err:.2e}"

@@ -14,6 +14,7 @@ The table is part of the compiled artifact: `build_fast_engines` tunes when no t
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -33,6 +34,10 @@ TABLE_FILE = "conv_tuning.json"
 TUNING_VERSION = 3  # 3: the TMA kernel's configs joined the search (2026-11-26, session 6)
 _ROTATE = 3
 _REPEAT = 4
+# A Triton config whose result is further than this from cuDNN's (relative L2) is never chosen: correct configs
+# land near 1e-4; 8-warp TMA configs with the shortcut loop gave 6.5e-3 to 1.5e-2 (triton_conv)
+MAX_RELATIVE_ERROR = 2e-3
+_KEY = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)->(\d+) k(\d+) s(\d+) p(\d+)(?: g(\d+))?(?: \+1x1\((\d+)\))?")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,13 @@ class ConvShape:
         n, c, h, w = input_shape
         return cls(n, c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], groups,
                    shortcut)
+
+    @classmethod
+    def from_key(cls, key: str) -> "ConvShape":
+        """The shape a tuning table's key names (the inverse of `key`)."""
+        n, c, h, w, cout, k, stride, pad, groups, shortcut = _KEY.fullmatch(key).groups()
+        return cls(int(n), int(c), int(h), int(w), int(cout), int(k), int(stride), int(pad), int(groups or 1),
+                   int(shortcut or 0))
 
     @property
     def key(self) -> str:
@@ -131,58 +143,87 @@ def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int 
     return statistics.median(times)
 
 
-@torch.no_grad()
-def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool = True) -> ConvChoice:
-    s = shape
+@dataclass
+class ConvInputs:
+    """Rotating argument sets for timing one shape: inputs, cuDNN weights and biases, the shortcut's input and
+    weights (None without one), and the weights as the Triton kernels read them (`weight_matrix`)."""
+
+    xs: list
+    ws: list
+    bs: list
+    x2s: list
+    w2s: list
+    mats: list
+
+
+def conv_inputs(s: ConvShape, dtype: torch.dtype = torch.float16, device: "torch.device | None" = None,
+                copies: int = _ROTATE) -> ConvInputs:
+    dev = torch.device("cuda") if device is None else device
     g = s.groups
-    dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     xs = [torch.randn(g * s.n, s.c, s.h, s.w, device=dev, dtype=dtype, generator=gen)
-          .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
+          .contiguous(memory_format=torch.channels_last) for _ in range(copies)]
     ws = [(torch.randn(g, s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=dtype, generator=gen) * 0.02)
-          for _ in range(_ROTATE)]
-    bs = [torch.randn(g, s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(_ROTATE)]
+          for _ in range(copies)]
+    bs = [torch.randn(g, s.cout, device=dev, dtype=dtype, generator=gen) for _ in range(copies)]
     oh, ow = triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)
-    x2s, w2s = [None] * _ROTATE, [None] * _ROTATE
+    x2s, w2s = [None] * copies, [None] * copies
     if s.shortcut:
         x2s = [torch.randn(g * s.n, s.shortcut, oh, ow, device=dev, dtype=dtype, generator=gen)
-               .contiguous(memory_format=torch.channels_last) for _ in range(_ROTATE)]
+               .contiguous(memory_format=torch.channels_last) for _ in range(copies)]
         w2s = [torch.randn(g, s.cout, s.shortcut, 1, 1, device=dev, dtype=dtype, generator=gen) * 0.02
-               for _ in range(_ROTATE)]
+               for _ in range(copies)]
     mats = [triton_conv.weight_matrix(w, w2) for w, w2 in zip(ws, w2s)]
     if g == 1:
         mats, bs = [m[0] for m in mats], [b[0] for b in bs]
+    return ConvInputs(xs, ws, bs, x2s, w2s, mats)
 
-    def cudnn(i):  # with groups: one cuDNN call per group and a concatenation, as the fallback runs them
-        outs = []
-        for j, (x, b) in enumerate(zip(xs[i].chunk(g), bs[i].reshape(g, -1))):
-            y = F.conv2d(x, ws[i][j], b, s.stride, s.padding)
-            if s.shortcut:  # unfused: the 1x1 shortcut as its own convolution, then the add
-                y = y + F.conv2d(x2s[i].chunk(g)[j], w2s[i][j])
-            outs.append(y)
-        return outs[0] if g == 1 else torch.cat(outs)
 
-    cudnn_us = graph_time_us(lambda i: lambda: cudnn(i))
+def cudnn_call(s: ConvShape, t: ConvInputs, i: int) -> torch.Tensor:
+    """Argument set i through cuDNN; with groups one call per group and a concatenation, as the fallback runs
+    them, and the shortcut unfused (its own 1x1 convolution, then the add)."""
+    outs = []
+    for j, (x, b) in enumerate(zip(t.xs[i].chunk(s.groups), t.bs[i].reshape(s.groups, -1))):
+        y = F.conv2d(x, t.ws[i][j], b, s.stride, s.padding)
+        if s.shortcut:
+            y = y + F.conv2d(t.x2s[i].chunk(s.groups)[j], t.w2s[i][j])
+        outs.append(y)
+    return outs[0] if s.groups == 1 else torch.cat(outs)
+
+
+def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: bool = True) -> torch.Tensor:
+    """Argument set i through a Triton config; sum_only (what is timed): as a compiled part runs it, kernel + one
+    split-K reduction."""
+    return triton_conv.conv2d_nhwc(t.xs[i], t.mats[i], t.bs[i], s.kernel, s.stride, s.padding, cfg,
+                                   groups=s.groups, shortcut=t.x2s[i], sum_only=sum_only)
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got = got.float()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+@torch.no_grad()
+def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool = True) -> ConvChoice:
+    s = shape
+    t = conv_inputs(s, dtype)
+    cudnn_us = graph_time_us(lambda i: lambda: cudnn_call(s, t, i))
     best = ConvChoice("cudnn", None, cudnn_us, cudnn_us)
     if not triton_conv.available():
         return best
-    ref = cudnn(0).float() if check else None
-    candidates = triton_conv.candidate_configs(g * s.n * oh * ow, s.cout, s.c, s.kernel, s.shortcut)
+    ref = cudnn_call(s, t, 0).float() if check else None
+    oh, ow = triton_conv.output_size(s.h, s.w, s.kernel, s.stride, s.padding)
+    candidates = triton_conv.candidate_configs(s.groups * s.n * oh * ow, s.cout, s.c, s.kernel, s.shortcut)
     if s.stride == 1:
-        candidates += triton_conv.tma_candidate_configs(s.n, oh, ow, s.cout, s.c, s.kernel, s.shortcut, g)
+        candidates += triton_conv.tma_candidate_configs(s.n, oh, ow, s.cout, s.c, s.kernel, s.shortcut, s.groups)
     for cfg in candidates:
-        def run(i, cfg=cfg, sum_only=True):  # timed as a compiled part runs it: kernel + one split-K reduction
-            return lambda: triton_conv.conv2d_nhwc(xs[i], mats[i], bs[i], s.kernel, s.stride, s.padding, cfg,
-                                                   groups=g, shortcut=x2s[i], sum_only=sum_only)
-
         if ref is not None:
-            got = run(0, sum_only=False)().float()
-            err = ((got - ref).norm() / ref.norm()).item()
-            if not err < 2e-3:  # a miscompiled config is never chosen (see triton_conv.tma_candidate_configs)
+            err = relative_error(triton_call(s, t, 0, cfg, sum_only=False), ref)
+            if not err < MAX_RELATIVE_ERROR:  # a miscompiled config is never chosen
                 print(f"[conv-tuning] skipped {cfg} for {s.key}: relative error {err:.2e} against cuDNN",
                       file=sys.stderr)
                 continue
-        us = graph_time_us(run)
+        us = graph_time_us(lambda i, cfg=cfg: lambda: triton_call(s, t, i, cfg))
         if us < best.best_us:
             best = ConvChoice("triton", cfg, cudnn_us, us)
     return best

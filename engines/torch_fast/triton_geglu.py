@@ -133,13 +133,17 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[-1] % BLOCK_K == 0 and output_width(weight) % MIN_BLOCK_N == 0
 
 
+def _require_fits(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not fits(x, weight):
+        raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
+
+
 def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
                  config: "tuple[int, int, int, int] | None" = None) -> torch.Tensor:
     """The kernel itself: x (rows.., K) with an nn.Linear weight (2N, K), or x (G, rows, K) with a stacked weight
     (G, K, 2N); bias (2N,) / (G, 2N) or None. -> (rows.., N) / (G, rows, N) in x's dtype.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages); None autotunes over _configs() (needs a GPU)."""
-    if not fits(x, weight):
-        raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
+    _require_fits(x, weight)
     w, b = _as_groups(weight, bias)
     groups, k, n_out = w.shape[0], w.shape[1], output_width(weight)
     a = x.reshape(groups, -1, k)
@@ -165,8 +169,7 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if not fits(x, weight):
-        raise ValueError(f"K={x.shape[-1]} must be a multiple of {BLOCK_K} and the output width of {MIN_BLOCK_N}")
+    _require_fits(x, weight)
     block_m, block_n, warps, stages = config
     w_kn = weight.dim() == 3
     b = bias if bias is None or bias.dim() == 2 else bias[None]
