@@ -8,7 +8,9 @@ columns (two accumulators over the same A tile), adds the biases and writes hidd
 stores and no second kernel.
 
 `geglu` is what the step calls: the kernel (as the operator cnrt::geglu_linear, which torch.compile keeps whole)
-on CUDA for shapes it tiles (K a multiple of 64, 4C a multiple of 128), else the same arithmetic in torch.
+on CUDA for shapes it tiles (K a multiple of 64, 4C a multiple of 128), else the same arithmetic in torch. On CUDA
+the operator runs the TMA variant (`geglu_linear_tma`: A and weight tiles as bulk tensor copies), autotuned per
+shape: loop 73.00 against 73.67 ms with the pointer-loading kernel on one H200 (bench/NOTES.md, session 7).
 Weights are used as they lie: (2 * 4C, K) nn.Linear weights or the twin's stacked (groups, K, 2 * 4C) matrices.
 """
 
@@ -30,6 +32,7 @@ except ImportError:  # CPU-only installs
 BLOCK_K = 64
 MIN_BLOCK_N = 128  # the output width must be a multiple of every config's BLOCK_N
 ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU (A/B measurements)
+TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
 
 if triton is not None:
 
@@ -105,6 +108,22 @@ if triton is not None:
     # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
     _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
 
+    def _set_tma_blocks(nargs):
+        """The descriptors' tile shapes follow the config being run (as in Triton's persistent-matmul tutorial)."""
+        bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
+        nargs["a_desc"].block_shape = [bm, BLOCK_K]
+        nargs["w_desc"].block_shape = [BLOCK_K, bn] if nargs["W_KN"] else [bn, BLOCK_K]
+
+    # The tiles `python3 -m bench.geglu_kernels` tried; 128x256 needs more shared memory than an H200 has.
+    TMA_TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3),
+                 (64, 128, 4, 4), (64, 64, 4, 4), (64, 64, 4, 6), (64, 256, 8, 3), (256, 64, 8, 3))
+    _geglu_tma_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_tma_blocks)
+                 for bm, bn, w, st in TMA_TILES],
+        key=["M", "N_OUT", "K", "W_KN"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+            c for c in configs if nargs["N_OUT"] % c.kwargs["BLOCK_N"] == 0]})(_geglu_tma_kernel)
+
 
 def _as_groups(weight: torch.Tensor, bias: "torch.Tensor | None"):
     """-> (weight as (G, K, 2N) strided view, bias (G, 2N) or None): nn.Linear (2N, K) weights are read transposed."""
@@ -165,12 +184,13 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
 
 
 def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-                     config: "tuple[int, int, int, int]") -> torch.Tensor:
-    """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config."""
+                     config: "tuple[int, int, int, int] | None" = None) -> torch.Tensor:
+    """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; None
+    autotunes over TMA_TILES per shape (needs a GPU)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _require_fits(x, weight)
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages = config or (64, 64, 4, 4)  # autotuning resets the descriptors' blocks
     w_kn = weight.dim() == 3
     b = bias if bias is None or bias.dim() == 2 else bias[None]
     groups = weight.shape[0] if w_kn else 1
@@ -181,10 +201,15 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     w_desc = (TensorDescriptor.from_tensor(weight.contiguous().reshape(groups * k, 2 * n_out), [BLOCK_K, block_n])
               if w_kn else TensorDescriptor.from_tensor(weight.contiguous(), [block_n, BLOCK_K]))
     out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
-    _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
-        a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
-        out.stride(0), out.stride(1), HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages)
+    args = (a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
+            out.stride(0), out.stride(1))
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
+        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K)
+    else:
+        _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
+            *args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+            num_warps=warps, num_stages=stages)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -192,7 +217,7 @@ if triton is not None:
 
     @torch.library.custom_op("cnrt::geglu_linear", mutates_args=(), device_types="cuda")
     def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return geglu_linear(x, weight, bias)
+        return geglu_linear_tma(x, weight, bias) if TMA else geglu_linear(x, weight, bias)
 
     @_geglu_op.register_fake
     def _(x, weight, bias):
