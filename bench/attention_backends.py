@@ -39,19 +39,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=384)
+    p.add_argument("--levels", default="0,1,2,3", help="comma-separated levels to time (0: the full latent)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated SDPA backends besides Triton")
     args = p.parse_args(argv)
+    levels = {int(v) for v in args.levels.split(",")}
+    backends = {n: BACKENDS[n] for n in args.backends.split(",") if n}
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'shape':<18} {'T':>5} {'Tk':>5} {'d':>4} " + " ".join(f"{n:>10}" for n in [*BACKENDS, "triton"])
+    print(f"{'shape':<18} {'T':>5} {'Tk':>5} {'d':>4} " + " ".join(f"{n:>10}" for n in [*backends, "triton"])
           + "  best triton (BLOCK_M, BLOCK_N, warps, stages)  (us; ! = max abs error >= 1e-2)")
     for name, b, t, tk, d in shapes(args.height, args.width):
+        if int(name.split("L")[1][0]) not in levels:
+            continue
         q = torch.randn(b, 8, t, d, device=dev, dtype=torch.float16)
         k = torch.randn(b, 8, tk, d, device=dev, dtype=torch.float16)
         v = torch.randn(b, 8, tk, d, device=dev, dtype=torch.float16)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         cells = []
         calls = []
-        for backend in BACKENDS.values():
+        for backend in backends.values():
             def call(i, backend=backend):
                 def run():
                     with sdpa_kernel([backend]):

@@ -39,10 +39,20 @@ print(((got.float() - ref).abs().max()).item())
     (2, 2, 96, 96, 160, 0),   # self-attention at 8x12
     (1, 3, 40, 40, 80, 1),    # a query count that does not fill a block
     (2, 1, 70, 77, 40, 1),    # two key blocks, the second partly masked
+    (1, 2, 64, 128, 40, 1),   # keys filling whole blocks (no key mask)
+    (1, 2, 32, 64, 80, 0),    # d = 80 as 64 + 16 columns
 ])
 def test_triton_attention_equals_sdpa_interpreted(b, heads, tq, tk, d, strided):
     out = run_interpreted(ATTENTION_CHECK, [str(v) for v in (b, heads, tq, tk, d, strided)], timeout=600)
     assert float(out.strip().splitlines()[-1]) < 5e-3
+
+
+def test_head_blocks_split_80_and_160_exactly_and_pad_the_rest():
+    pytest.importorskip("triton")
+    from engines.torch_fast.triton_attention import head_blocks
+
+    assert [head_blocks(d) for d in (40, 80, 160, 64, 8, 24, 96)] == [
+        (64, 0), (64, 16), (128, 32), (64, 0), (16, 0), (32, 0), (64, 32)]
 
 
 def test_attention_rejects_mismatched_inputs():
@@ -56,7 +66,8 @@ def test_attention_rejects_mismatched_inputs():
         attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), q, q)
 
 
-SD15_ATTENTION = [(4, 8, 384, 384, 80), (2, 8, 96, 96, 160), (4, 8, 24, 77, 160), (2, 8, 1536, 77, 40)]
+SD15_ATTENTION = [(4, 8, 384, 384, 80), (2, 8, 96, 96, 160), (4, 8, 24, 77, 160), (2, 8, 1536, 77, 40),
+                  (2, 8, 1536, 1536, 40)]
 
 
 @pytest.mark.gpu

@@ -38,10 +38,14 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
                           HEADS, TQ, TK, qk_scale, HEAD_D: tl.constexpr, VEC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_D2: tl.constexpr, EVEN_N: tl.constexpr):
         # Strides come in units of VEC elements and the head size is a constant, so the compiler knows every row
         # starts 16-byte aligned and the head-size mask is constant over 8 lanes: 16-byte loads even for d = 40
         # (a runtime d or stride of 40 would be divisible by 8 but not 16, and Triton would load element-wise).
+        # The head is BLOCK_D columns, plus BLOCK_D2 more when BLOCK_D2 > 0: d = 80 as 64 + 16 and 160 as
+        # 128 + 32 (not 128 and 256), so the matmuls do no padded work (see head_blocks).
+        # EVEN_N: TK is a multiple of BLOCK_N, so no key needs masking.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HEADS
@@ -50,31 +54,49 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_D
         m_ok = offs_m < TQ
-        q = tl.load(q_ptr + (b * sq_b + h * sq_h) * VEC + offs_m[:, None] * (sq_t * VEC) + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q_rows = q_ptr + (b * sq_b + h * sq_h) * VEC + offs_m[:, None] * (sq_t * VEC)
+        q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = k_ptr + (b * sk_b + h * sk_h) * VEC
         v_base = v_ptr + (b * sv_b + h * sv_h) * VEC
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum, in log2 units (x qk_scale)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_D
+            q2 = tl.load(q_rows + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
         for start in range(0, TK, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < TK
             k = tl.load(k_base + offs_n[None, :] * (sk_t * VEC) + offs_d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-            s = tl.dot(q, k) * qk_scale  # log2 units: qk_scale carries 1/ln(2)
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.dot(q, k)
+            if BLOCK_D2 > 0:
+                k2 = tl.load(k_base + offs_n[None, :] * (sk_t * VEC) + offs_d2[:, None],
+                             mask=n_ok[None, :] & d2_ok[:, None], other=0.0)
+                s = tl.dot(q2, k2, s)
+            if not EVEN_N:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: max(s) * scale = max(s * scale)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * qk_scale - m_new[:, None])  # log2 units: qk_scale carries 1/ln(2); one FMA a score
             l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(q.dtype)
             v = tl.load(v_base + offs_n[:, None] * (sv_t * VEC) + offs_d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p, v, acc * alpha[:, None])
+            if BLOCK_D2 > 0:
+                v2 = tl.load(v_base + offs_n[:, None] * (sv_t * VEC) + offs_d2[None, :],
+                             mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
+                acc2 = tl.dot(p, v2, acc2 * alpha[:, None])
             m_i = m_new
-        acc = acc / l_i[:, None]
-        tl.store(o_ptr + (b * so_b + h * so_h) * VEC + offs_m[:, None] * (so_t * VEC) + offs_d[None, :],
-                 acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        o_rows = o_ptr + (b * so_b + h * so_h) * VEC + offs_m[:, None] * (so_t * VEC)
+        tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        if BLOCK_D2 > 0:
+            tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & d2_ok[None, :])
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates that bench.attention_backends sweeps per shape.
@@ -93,9 +115,25 @@ MAX_PAIRS = int(float(os.environ.get("CNRT_TRITON_ATTENTION_MAX_PAIRS", 4e6)))
 ENABLED = env_flag("CNRT_TRITON_ATTENTION", True)  # 0: cuDNN SDPA everywhere (A/B measurements)
 
 
+SPLIT_HEAD = env_flag("CNRT_ATTENTION_SPLIT_HEAD", True)  # 0: pad the head size to a power of two (A/B)
+
+
+def head_blocks(head_size: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head size padded to a power of two, or, where it is the sum of two powers of two
+    (the second >= 16, the matmul's minimum), those two: 80 -> 64 + 16, 160 -> 128 + 32, no padded columns.
+    40 stays padded to 64: as 32 + 16 it measured slower at 32x48 on an H200 (33.7 against 31.1 us at batch 2;
+    bench/NOTES.md), where the softmax, not the matmuls, bounds the kernel."""
+    padded = max(16, 1 << (head_size - 1).bit_length())
+    rest = head_size - padded // 2
+    if SPLIT_HEAD and padded > 32 and rest >= 16 and rest & (rest - 1) == 0 and rest < padded // 2:
+        return padded // 2, rest
+    return padded, 0
+
+
 def block_sizes(tq: int, tk: int, head_size: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for one shape: the sweep's winners at the step's shapes
-    (64 queries a program; 64 keys and 3 stages for the longer key sets, 32 and 2 for the 77 text tokens)."""
+    (64 queries a program; 64 keys and 3 stages for the longer key sets, 32 and 2 for the 77 text tokens).
+    BLOCK_D is the padded head size, as if unsplit (see head_blocks)."""
     block_d = max(16, triton.next_power_of_2(head_size))
     if tk >= 1024:
         return 128, 64, block_d, 8, 3
@@ -133,15 +171,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if d % VEC:
         raise ValueError(f"the head size must be a multiple of {VEC}, got {d}")
     q, k, v = (t if all(st % VEC == 0 for st in t.stride()[:3]) else t.contiguous() for t in (q, k, v))
-    block_m, block_n, block_d, warps, stages = block_sizes(tq, k.shape[2], d)
+    block_m, block_n, _, warps, stages = block_sizes(tq, k.shape[2], d)
     if config is not None:
         block_m, block_n, warps, stages = config
+    block_d, block_d2 = head_blocks(d)
     out = torch.empty(bq, tq, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     grid = (triton.cdiv(tq, block_m), bq * hq)
     strides = [st // VEC for t in (q, k, v, out) for st in t.stride()[:3]]
     _attention_kernel[grid](
         q, k, v, out, *strides, hq, tq, k.shape[2], 1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, VEC=VEC,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=k.shape[2] % block_n == 0,
+        num_warps=warps, num_stages=stages)
     return out
 
 
