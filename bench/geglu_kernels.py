@@ -1,4 +1,4 @@
-"""`python3 -m bench.geglu_kernels`: the GEGLU GEMM's TMA variant against the kernel the step runs, per shape.
+"""`python3 -m bench.geglu_kernels`: the GEGLU GEMM by TMA (the step's kernel) against the pointer kernel, per shape.
 
 For each feed-forward shape of the step this times (CUDA graph, rotating inputs, as the conv tuner times) cuBLAS +
 the GELU in eager torch, the pointer-loading kernel (`triton_geglu.geglu_linear`, autotuned), and the TMA variant
