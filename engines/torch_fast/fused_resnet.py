@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_conv, triton_group_norm
+from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
-from engines.torch_fast.parts import norm_act
+from engines.torch_fast.parts import stacked_group_norm
 from engines.torch_fast.triton_conv import ConvConfig
 
 
@@ -68,7 +68,6 @@ class FusedResnet(nn.Module):
         self.eps = (first.norm1.eps, first.norm2.eps)
         self.conv1_config, self.conv2_config = conv1_config, conv2_config
         self.has_shortcut = first.conv_shortcut is not None
-        self.sites = (triton_group_norm.new_site(), triton_group_norm.new_site())
 
         def stacked(make):
             values = [make(b).detach() for b in blocks]
@@ -86,9 +85,9 @@ class FusedResnet(nn.Module):
                                                             and b.conv_shortcut.bias is not None else 0))
 
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
-        h = norm_act(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias, True, self.sites[0])
+        h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
         h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
-        h = norm_act(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias, True, self.sites[1])
+        h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)

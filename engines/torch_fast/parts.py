@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_group_norm
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
@@ -32,9 +31,9 @@ from scheduler.ddim import cfg_mix, ddim_update
 
 def _resnet(block, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """ResnetBlock2D ("default" time norm, no up/down); temb = time_emb_proj(silu(emb)) already, shape (C,)."""
-    h = block.conv1(group_norm(x, block.norm1, silu=True))
+    h = block.conv1(F.silu(group_norm(x, block.norm1)))
     h = h + temb.reshape(1, -1, 1, 1)
-    h = block.conv2(group_norm(h, block.norm2, silu=True))
+    h = block.conv2(F.silu(group_norm(h, block.norm2)))
     if block.conv_shortcut is not None:
         x = block.conv_shortcut(x)
     return (x + h) / block.output_scale_factor
@@ -66,26 +65,9 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
 
 
-def norm_act(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor, bias: torch.Tensor, silu: bool,
-             site: int) -> torch.Tensor:
-    """stacked_group_norm(x, ...), then SiLU if silu: one launch of `triton_group_norm` on CUDA where it takes the
-    shape (site: the call site's barrier words, see there), else the torch code Inductor compiles."""
-    if triton_group_norm.usable(x, num_groups):
-        return torch.ops.cnrt.group_norm_nhwc(x, num_groups, eps, weight, bias, silu, site)
-    y = stacked_group_norm(x, num_groups, eps, weight, bias)
-    return F.silu(y) if silu else y
-
-
-def assign_norm_sites(module: nn.Module) -> None:
-    """Gives every nn.GroupNorm inside module its own `triton_group_norm` call site (before compiling)."""
-    for m in module.modules():
-        if isinstance(m, nn.GroupNorm) and not hasattr(m, "cnrt_site"):
-            m.cnrt_site = triton_group_norm.new_site()
-
-
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
-    """norm(x) (then SiLU) for an affine nn.GroupNorm, laid out for x's memory format (see `norm_act`)."""
-    return norm_act(x, norm.num_groups, norm.eps, norm.weight, norm.bias, silu, getattr(norm, "cnrt_site", 0))
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """norm(x) for an affine nn.GroupNorm, laid out for x's memory format (see stacked_group_norm)."""
+    return stacked_group_norm(x, norm.num_groups, norm.eps, norm.weight, norm.bias)
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
@@ -94,8 +76,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not self.affine:
             return super().forward(x)
-        # Not the one-kernel Triton norm: the VAE's blocks apply SiLU apart, which Inductor fuses into its apply.
-        return stacked_group_norm(x, self.num_groups, self.eps, self.weight, self.bias)
+        return group_norm(x, self)
 
 
 def use_channels_last_group_norm(module: nn.Module) -> int:
@@ -334,6 +315,6 @@ class UNetDecoder(nn.Module):
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:
                 h = up.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        eps = net.conv_out(group_norm(h, net.conv_norm_out, silu=True)).float()
+        eps = net.conv_out(F.silu(group_norm(h, net.conv_norm_out))).float()
         e_cond, e_uncond = eps.chunk(2)
         return ddim_update(x, cfg_mix(e_cond, e_uncond, guidance_scale.reshape(1, 1, 1, 1)), coeffs)

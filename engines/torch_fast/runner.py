@@ -33,7 +33,7 @@ from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
 from engines.torch_fast.twin import (TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes,
                                     twin_convolutions, twin_kv)
 from engines.torch_fast.parts import (ControlBranch, UNetDecoder, UNetEncoder, _resnets_of, cross_attention_kv,
-                                      assign_norm_sites, time_table, use_channels_last_group_norm)
+                                      time_table, use_channels_last_group_norm)
 from models.bundle import ModelBundle
 from models.step import LatentDecoder
 from profiles.config import NUM_CONTROLS, Profile, env_flag, parse_choice
@@ -306,8 +306,6 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     for net in (bundle.unet, bundle.controlnet, bundle.vae):
         net.to(memory_format=torch.channels_last)
     use_channels_last_group_norm(bundle.vae.decoder)  # its group norms read channels_last maps in memory order
-    for net in (bundle.unet, bundle.controlnet):
-        assign_norm_sites(net)  # each group norm of the step gets its own barrier words (triton_group_norm)
     cuda = device.type == "cuda"
     kernels = ConvKernels.parse(os.environ.get("CNRT_CONV", "tuned")) if cuda else ConvKernels.CUDNN
     layout = StepLayout.parse(os.environ.get("CNRT_STEP", "twin"))

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_conv, triton_group_norm
+from engines.torch_fast import triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, norm_act)
+                                      _transformers_of_up, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -63,12 +63,11 @@ class _TwinNorm(nn.Module):
         self.eps = pair[0].eps
         self.weight = stack(pair, lambda m: m.weight)
         self.bias = stack(pair, lambda m: m.bias)
-        self.site = triton_group_norm.new_site()
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        """group: x (G*B, C, H, W), then SiLU if silu; layer: x (G, rows, C)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """group: x (G*B, C, H, W); layer: x (G, rows, C)."""
         if self.kind == "group":
-            return norm_act(x, self.groups, self.eps, self.weight, self.bias, silu, self.site)
+            return stacked_group_norm(x, self.groups, self.eps, self.weight, self.bias)
         y = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
         return y * self.weight[:, None, :] + self.bias[:, None, :]
 
@@ -141,10 +140,10 @@ class _TwinResnet(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """temb: (G, C) rows of time_emb_proj(silu(emb)) of the two networks."""
-        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv1(F.silu(self.norm1(x)))
         c = h.shape[1]
         h = (h.reshape(GROUPS, -1, *h.shape[1:]) + temb.reshape(GROUPS, 1, c, 1, 1)).reshape(h.shape)
-        h = self.conv2(self.norm2(h, silu=True))
+        h = self.conv2(F.silu(self.norm2(h)))
         if self.shortcut is not None:
             x = _from_rows(self.shortcut(_to_rows(x)), x.shape[0], x.shape[2], x.shape[3])
         return (x + h) / self.scale
