@@ -109,6 +109,50 @@ def test_sum_only_is_the_split_k_sum_without_the_finish():
     assert float(out.strip().splitlines()[-1]) < 2e-3
 
 
+FIXUP_CHECK = r"""
+import sys
+import torch
+from engines.torch_fast import triton_conv
+from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc, weight_matrix
+cin, cout, h, w, split, groups, n, tma, sc, res, stride = (int(v) for v in sys.argv[1:])
+torch.manual_seed(3)
+x = torch.randn(n * groups, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+x2 = torch.randn(n * groups, sc, oh, ow).half().contiguous(memory_format=torch.channels_last) if sc else None
+r = torch.randn(n * groups, cout, oh, ow).half().contiguous(memory_format=torch.channels_last) if res else None
+mats = [weight_matrix(torch.randn(cout, cin, 3, 3).half() * 0.05,
+                      torch.randn(cout, sc, 1, 1).half() * 0.05 if sc else None) for _ in range(groups)]
+mat = mats[0] if groups == 1 else torch.stack(mats)
+bias = torch.randn(groups, cout).half()
+bias = bias[0] if groups == 1 else bias
+cfg = ConvConfig(16, 32, 32, split, 4, 2, box=(1, 4, 4) if tma else None)
+args = (x, mat, bias, 3, stride, 1, cfg)
+kw = dict(groups=groups, shortcut=x2, residual=r)
+outside = conv2d_nhwc(*args, **kw, fixup=False)  # the partials summed by torch
+inside = conv2d_nhwc(*args, **kw, fixup=True)
+again = conv2d_nhwc(*args, **kw, fixup=True)
+assert inside.shape == outside.shape and inside.is_contiguous(memory_format=torch.channels_last)
+assert torch.equal(inside, again)  # the partials are added in slot order, whoever finishes last
+assert all(int(c.abs().sum()) == 0 for c in triton_conv._counters.values())  # the counters are left at zero
+print(((inside.float() - outside.float()).abs().max()).item())
+"""
+
+
+@pytest.mark.parametrize("case", [
+    "64 32 6 8 2 1 2 0 0 0 1",     # gather kernel, two-way split, bias
+    "64 64 6 8 5 2 1 0 64 0 1",    # gather kernel, twin groups, the split crossing into the 1x1 shortcut
+    "32 32 7 9 3 1 2 0 0 1 2",     # gather kernel, stride 2, residual
+    "64 32 6 8 2 1 2 1 0 1 1",     # TMA kernel, residual
+    "64 64 5 7 5 2 1 1 64 0 1",    # TMA kernel, twin groups, shortcut, boxes over the border
+])
+def test_split_k_reduced_in_the_kernel_equals_the_torch_sum_interpreted(case):
+    """The last program of each tile adds the fp32 partials in slot order, then bias / residual and the cast: what
+    the torch finish computes (one fp16 rounding apart at most), the same bytes on a second call, and the tiles'
+    arrival counters back at zero. Arguments: cin cout h w split groups n tma shortcut residual stride."""
+    out = run_interpreted(FIXUP_CHECK, case.split())
+    assert float(out.strip().splitlines()[-1]) <= 2e-3
+
+
 TMA_CHECK = r"""
 import sys
 import torch, torch.nn.functional as F
@@ -311,3 +355,35 @@ def test_tma_conv_candidates_match_cudnn_on_sd15_shapes(groups, n, cin, h, w, co
     for cfg in tma_candidate_configs(n, h, w, cout, cin, 3, shortcut, groups):
         err = relative_error(triton_call(shape, t, 0, cfg, sum_only=False), ref)
         assert err < 2e-3, f"{cfg}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,n,cin,h,w,cout,shortcut", TMA_SHAPES)
+def test_split_k_reduced_in_the_kernel_on_sd15_shapes(groups, n, cin, h, w, cout, shortcut):
+    """CNRT_SPLIT_FIXUP's path on step shapes, every split config of both kernels: inside torch.compile (the
+    operator) and replayed 20 times in one CUDA graph, it gives the bytes of its first run, matches cuDNN, and leaves
+    its arrival counters at zero."""
+    from engines.torch_fast import triton_conv
+    from engines.torch_fast.conv_tuning import ConvShape, conv_inputs, cudnn_call, relative_error
+
+    shape = ConvShape(n, cin, h, w, cout, 3, 1, 1, groups, shortcut)
+    t = conv_inputs(shape, copies=1)
+    ref = cudnn_call(shape, t, 0).float()
+    configs = candidate_configs(groups * n * h * w, cout, cin, 3, shortcut)
+    configs += tma_candidate_configs(n, h, w, cout, cin, 3, shortcut, groups)
+    for cfg in [c for c in configs if c.split_k > 1][::4]:
+        def conv(x, cfg=cfg):
+            return triton_conv.conv2d_nhwc(x, t.mats[0], t.bs[0], 3, 1, 1, cfg, groups=groups, shortcut=t.x2s[0],
+                                           fixup=True)
+
+        compiled = torch.compile(conv, fullgraph=True)
+        first = compiled(t.xs[0]).clone()  # warm-up: compiles, and makes the counter buffer before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(t.xs[0])
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first), cfg
+        assert relative_error(out, ref) < 2e-3, cfg
+        assert all(int(c.abs().sum()) == 0 for c in triton_conv._counters.values()), cfg

@@ -191,9 +191,12 @@ def cudnn_call(s: ConvShape, t: ConvInputs, i: int) -> torch.Tensor:
     return outs[0] if s.groups == 1 else torch.cat(outs)
 
 
-def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: bool = True) -> torch.Tensor:
-    """Argument set i through a Triton config; sum_only (what is timed): as a compiled part runs it, kernel + one
-    split-K reduction."""
+def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: "bool | None" = None
+                ) -> torch.Tensor:
+    """Argument set i through a Triton config. sum_only None (what is timed) is the convolution as a compiled part
+    runs it: kernel + one split-K reduction, or with CNRT_SPLIT_FIXUP the kernel that reduces in place."""
+    if sum_only is None:
+        sum_only = not triton_conv.SPLIT_FIXUP
     return triton_conv.conv2d_nhwc(t.xs[i], t.mats[i], t.bs[i], s.kernel, s.stride, s.padding, cfg,
                                    groups=s.groups, shortcut=t.x2s[i], sum_only=sum_only)
 

@@ -24,7 +24,7 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
-from engines.torch_fast import conv_tuning
+from engines.torch_fast import conv_tuning, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
@@ -313,6 +313,8 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     key = artifact_key(profile.name, bundle.weights_id, device)
     key.update(conv_kernels=kernels.value, conv_tuning=conv_tuning.TUNING_VERSION, step_layout=layout.value,
                fused_resnets=fuse)
+    if triton_conv.SPLIT_FIXUP:  # split configs are timed (and run) differently: their own tuning table
+        key.update(split_fixup=True)
     compiler = PartCompiler(mode, artifact_dir, key)
     layers = StepLayers()
     if kernels is not ConvKernels.CUDNN or layout is StepLayout.TWIN:

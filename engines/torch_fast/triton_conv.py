@@ -14,14 +14,21 @@ engine zero-fills past the border; the weight tile is a bulk copy too. On an H20
 28 stride-1 shapes, 2-17% faster than the gather kernel there (python3 -m bench.conv_tma); the tuner picks per
 shape between the two kernels and cuDNN.
 
+With a K split, the partial sums are added by one reduction that Inductor fuses into the consumer; with
+CNRT_SPLIT_FIXUP=1 (opt-in, not yet measured on a GPU) the last program of each output tile adds them inside the
+kernel, in a fixed order, and stores the final fp16 tile (`_epilogue`).
+
 Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight as `weight_matrix` lays it out.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
+
+from profiles.config import env_flag
 
 try:
     import triton
@@ -66,10 +73,40 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x2_ptr, res_ptr,
+    def _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  FIXUP: tl.constexpr):
+        """Both kernels' end: bias, residual and the store of one output tile (offs_m: output rows within the
+        group). A split program without FIXUP stores its fp32 partial sum at slot pid_k (a reduction outside adds
+        them up). With FIXUP each program of a split stores its partial in ws, and the last of them to finish the
+        tile (an arrival counter per tile) adds the SPLIT partials in slot order, so the sum does not depend on
+        which finished last, resets the counter and goes on to bias, residual and the final store."""
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        rows = group * M + offs_m[:, None]
+        if FIXUP:
+            tl.store(ws_ptr + (pid_k * GROUPS * M + rows) * COUT + offs_n[None, :], acc, mask=tile_ok)
+            tl.debug_barrier()  # every thread's partial is stored before the arrival
+            last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+            tile_ok = tile_ok & last
+            acc = tl.zeros_like(acc)
+            for s in range(SPLIT):
+                acc += tl.load(ws_ptr + (s * GROUPS * M + rows) * COUT + offs_n[None, :], mask=tile_ok, other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile, 0, mask=last, sem="relaxed")  # ready for the next launch
+            out = out_ptr + rows * COUT + offs_n[None, :]
+        else:
+            out = out_ptr + (pid_k * GROUPS * M + rows) * COUT + offs_n[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + group * BIAS_STRIDE + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:  # + a tensor of the output's shape (the resnet's identity shortcut)
+            acc += tl.load(res_ptr + rows * COUT + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _conv_nhwc_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, x2_ptr, res_ptr, ws_ptr, count_ptr,
                           H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT, SPLIT, GROUPS, C2, BIAS_STRIDE,
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                          HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -113,22 +150,17 @@ if triton is not None:
                 b = tl.load(w_group + (kk * BLOCK_K + offs_k)[:, None] * COUT + offs_n[None, :],
                             mask=col_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + group * BIAS_STRIDE + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_RESIDUAL:  # + a tensor of the output's shape (the resnet's identity shortcut)
-            acc += tl.load(res_ptr + (group * M + offs_m[:, None]) * COUT + offs_n[None, :], mask=tile_ok,
-                           other=0.0).to(tl.float32)
-        out = out_ptr + (pid_k * GROUPS * M + group * M + offs_m[:, None]) * COUT + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS, HAS_RESIDUAL, FIXUP)
 
 
     @triton.jit
-    def _conv_tma_kernel(x_desc, w_desc, x2_desc, bias_ptr, out_ptr, res_ptr,
+    def _conv_tma_kernel(x_desc, w_desc, x2_desc, bias_ptr, out_ptr, res_ptr, ws_ptr, count_ptr,
                          N_IMG, OH, OW, C, COUT, KROWS, K_STEPS_PER_SPLIT, SPLIT, GROUPS, M, BIAS_STRIDE,
                          TILES_Y, TILES_X,
                          PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                          BOX_I: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Stride-1 convolution, A and B tiles by TMA: the output tile is a BOX_I x BOX_H x BOX_W block of
@@ -175,14 +207,9 @@ if triton is not None:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         row_ok = (img < N_IMG) & (oy < OH) & (ox < OW)
         col_ok = offs_n < COUT
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + group * BIAS_STRIDE + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(res_ptr + (group * M + offs_m[:, None]) * COUT + offs_n[None, :], mask=tile_ok,
-                           other=0.0).to(tl.float32)
-        out = out_ptr + (pid_k * GROUPS * M + group * M + offs_m[:, None]) * COUT + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS, HAS_RESIDUAL, FIXUP)
 
 
 def weight_matrix(weight: torch.Tensor, shortcut: "torch.Tensor | None" = None) -> torch.Tensor:
@@ -209,8 +236,8 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
             and (cfg.box is None or stride == 1))
 
 
-def _launch_tma(x, weight, bias, out, shortcut, residual, n_img, oh, ow, c, cout, k_steps_per_split, groups, m,
-                bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
+def _launch_tma(x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout, k_steps_per_split,
+                groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
     """The TMA kernel's descriptors and grid. Its 4-D descriptors see the channels_last maps as the (N, H, W, C)
     tensors they are in memory; the weight's as (groups * rows, Cout)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -224,21 +251,47 @@ def _launch_tma(x, weight, bias, out, shortcut, residual, n_img, oh, ow, c, cout
     grid = (triton.cdiv(n_img, bi) * tiles_y * tiles_x, triton.cdiv(cout, cfg.block_n), cfg.split_k * groups)
     _conv_tma_kernel[grid](
         x_desc, w_desc, x2_desc, weight if bias is None else bias, out, weight if residual is None else residual,
+        weight if ws is None else ws, weight if counts is None else counts,
         n_img, oh, ow, c, cout, weight.shape[-2], k_steps_per_split, cfg.split_k, groups, m, bias_stride,
         tiles_y, tiles_x, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
-        HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, BOX_I=bi, BOX_H=bh, BOX_W=bw,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
+        BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+# Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in until measured on a GPU (bench/NOTES.md).
+SPLIT_FIXUP = env_flag("CNRT_SPLIT_FIXUP", False)
+_COUNTS_PER_REGION = 4096  # arrival counters one convolution may use (its output tiles; the step's need <= 480)
+_REGIONS = 256
+_counters: dict = {}
+_regions: dict = {}
+
+
+def _tile_counters(device: torch.device, weight: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Zeroed arrival counters for one convolution's tiles: a region of a per-device buffer, one region per weight
+    tensor (so two convolutions on two streams never share counters). The kernel leaves them at zero. The buffer is
+    made on a device's first call, which the runner makes in warm-up, before any CUDA-graph capture."""
+    if tiles > _COUNTS_PER_REGION:
+        raise ValueError(f"{tiles} output tiles exceed the {_COUNTS_PER_REGION} counters a convolution may use")
+    key = (device.type, device.index)
+    if key not in _counters:
+        _counters[key] = torch.zeros(_REGIONS, _COUNTS_PER_REGION, dtype=torch.int32, device=device)
+    region = _regions.setdefault((key, weight.data_ptr()), len(_regions) % _REGIONS)
+    return _counters[key][region]
 
 
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
                 padding: int, cfg: ConvConfig, groups: int = 1, shortcut: "torch.Tensor | None" = None,
-                residual: "torch.Tensor | None" = None, sum_only: bool = False) -> torch.Tensor:
+                residual: "torch.Tensor | None" = None, sum_only: bool = False,
+                fixup: "bool | None" = None) -> torch.Tensor:
     """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
 
     groups > 1 runs that many independent convolutions in one launch: images [g*N/groups, (g+1)*N/groups) use
     weight[g] (groups, kh*kw*Cin, Cout) and bias[g] (groups, Cout; rows may be strided). With split_k > 1 the
     programs write fp32 partial sums (split_k, M, Cout) that one reduction adds up (with the bias); under
-    torch.compile that reduction fuses into whatever consumes the output.
+    torch.compile that reduction fuses into whatever consumes the output. With fixup (default: CNRT_SPLIT_FIXUP on
+    CUDA) the kernel adds them up itself instead: the last program of each tile, in a fixed order (see `_epilogue`);
+    on CUDA this runs as the operator cnrt::conv2d_split_fixup, which torch.compile keeps whole.
 
     The two fusions a ResNet block's second convolution needs, so it is one kernel:
     - shortcut (N, C2, OH, OW), channels_last: adds the 1x1 convolution of it, whose (C2, Cout) weight rows follow
@@ -248,6 +301,19 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     sum_only (tuning): with split_k > 1, return the fp32 sum of the partials, (groups * M, Cout), and skip the bias,
     residual and cast; that is what a split costs inside a compiled part, where those fuse into the consumer.
     """
+    if fixup is None:
+        fixup = SPLIT_FIXUP and x.is_cuda and not sum_only
+    if fixup and cfg.split_k > 1 and x.is_cuda and not sum_only:
+        box = list(cfg.box) if cfg.box is not None else []
+        return torch.ops.cnrt.conv2d_split_fixup(
+            x, weight, bias, shortcut, residual, kernel_size, stride, padding,
+            [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages], box, groups)
+    return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, sum_only,
+                   fixup and cfg.split_k > 1 and not sum_only)
+
+
+def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, groups, shortcut, residual, sum_only,
+            fixup: bool) -> torch.Tensor:
     n, c, h, w = x.shape
     cout = weight.shape[-1]
     c2 = 0 if shortcut is None else shortcut.shape[1]
@@ -270,7 +336,8 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
         residual = residual.contiguous(memory_format=torch.channels_last)
     k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
     split = cfg.split_k
-    fused_epilogue = split == 1
+    fixup = fixup and split > 1
+    fused_epilogue = split == 1 or fixup
     has_bias = bias is not None and fused_epilogue
     has_residual = residual is not None and fused_epilogue
     bias_stride = 0
@@ -278,22 +345,34 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
         if bias.stride(-1) != 1:
             bias = bias.contiguous()
         bias_stride = bias.stride(0) if bias.dim() == 2 else 0
-    out = torch.empty((split, groups * m, cout), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    final = split == 1 or fixup
+    out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
+                      dtype=x.dtype if final else torch.float32)
+    ws = counts = None
     if cfg.box is not None:
-        _launch_tma(x, weight, bias if has_bias else None, out, shortcut, residual if has_residual else None,
-                    n // groups, oh, ow, c, cout, k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg)
+        bi, bh, bw = cfg.box
+        grid = (triton.cdiv(n // groups, bi) * triton.cdiv(oh, bh) * triton.cdiv(ow, bw),
+                triton.cdiv(cout, cfg.block_n), split * groups)
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
+    if fixup:
+        ws = torch.empty((split, groups * m, cout), device=x.device, dtype=torch.float32)
+        counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
+    if cfg.box is not None:
+        _launch_tma(x, weight, bias if has_bias else None, out, shortcut, residual if has_residual else None, ws,
+                    counts, n // groups, oh, ow, c, cout, k_steps // split, groups, m, bias_stride, kernel_size,
+                    padding, cfg)
+    else:
         # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph. Arguments the
         # kernel never reads get the weight, not `out`, so no argument aliases the one it writes.
         _conv_nhwc_kernel[grid](
             x, weight, bias if has_bias else weight, out, weight if shortcut is None else shortcut,
-            residual if has_residual else weight,
+            residual if has_residual else weight, weight if ws is None else ws, weight if counts is None else counts,
             h, w, c, ow, oh * ow, cout, m, k_steps // split, split, groups, c2, bias_stride,
             STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias, HAS_SHORTCUT=shortcut is not None,
-            HAS_RESIDUAL=has_residual, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            HAS_RESIDUAL=has_residual, FIXUP=fixup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split == 1:
+    if final:
         result = out[0]
     elif sum_only:
         return out.sum(0)
@@ -305,6 +384,24 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
             total = total + residual.permute(0, 2, 3, 1).reshape(groups * m, cout).float()
         result = total.to(x.dtype)
     return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("cnrt::conv2d_split_fixup", mutates_args=(), device_types="cuda")
+    def _split_fixup_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        shortcut: Optional[torch.Tensor], residual: Optional[torch.Tensor], kernel_size: int,
+                        stride: int, padding: int, config: list[int], box: list[int], groups: int) -> torch.Tensor:
+        """A split-K `conv2d_nhwc` that reduces in the kernel, as one operator: its arrival counters live in a
+        buffer torch.compile does not see, so it must not trace the launch."""
+        cfg = ConvConfig(*config, box=tuple(box) if box else None)
+        return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, False, True)
+
+    @_split_fixup_op.register_fake
+    def _(x, weight, bias, shortcut, residual, kernel_size, stride, padding, config, box, groups):
+        n, _, h, w = x.shape
+        oh, ow = output_size(h, w, kernel_size, stride, padding)
+        return x.new_empty(n, oh, ow, weight.shape[-1]).permute(0, 3, 1, 2)
 
 
 # (block_m, block_n, num_warps, num_stages) tried per shape; block_k is 64 (every wide Cin is a multiple of it).
