@@ -16,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engines.torch_fast.compile import JIT_CACHE as JIT_CACHE_FILE
+
 KEEP = re.compile(r"^(loop|decode|part |kernel time|  \S.*kernels$)")
-JIT_CACHE = Path("build/256x384-fp16/torch/inductor_cache.bin")
+JIT_CACHE = Path("build/256x384-fp16/torch") / JIT_CACHE_FILE  # profile_step's default profile
 
 
 def parse_setting(text: str) -> dict:

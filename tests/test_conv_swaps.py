@@ -360,7 +360,7 @@ def test_tma_conv_candidates_match_cudnn_on_sd15_shapes(groups, n, cin, h, w, co
 @pytest.mark.gpu
 @pytest.mark.parametrize("groups,n,cin,h,w,cout,shortcut", TMA_SHAPES)
 def test_split_k_reduced_in_the_kernel_on_sd15_shapes(groups, n, cin, h, w, cout, shortcut):
-    """CNRT_SPLIT_FIXUP's path on step shapes, every split config of both kernels: inside torch.compile (the
+    """CNRT_SPLIT_FIXUP's path on step shapes, every fourth split config of both kernels: inside torch.compile (the
     operator) and replayed 20 times in one CUDA graph, it gives the bytes of its first run, matches cuDNN, and leaves
     its arrival counters at zero."""
     from engines.torch_fast import triton_conv

@@ -132,16 +132,15 @@ def head_blocks(head_size: int) -> tuple[int, int]:
     return padded, 0
 
 
-def block_sizes(tq: int, tk: int, head_size: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for one shape: the sweep's winners at the step's shapes
-    (64 queries a program; 64 keys and 3 stages for the longer key sets, 32 and 2 for the 77 text tokens).
-    BLOCK_D is the padded head size, as if unsplit (see head_blocks)."""
-    block_d = max(16, triton.next_power_of_2(head_size))
+def block_sizes(tq: int, tk: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one shape: the sweep's winners at the step's shapes (64 queries
+    a program; 64 keys and 3 stages for the longer key sets, 32 and 2 for the 77 text tokens). The head's column
+    blocks come from `head_blocks`."""
     if tk >= 1024:
-        return 128, 64, block_d, 8, 3
+        return 128, 64, 8, 3
     block_m = 64 if tq >= 64 else max(16, triton.next_power_of_2(tq))
     long_keys = tk >= 256
-    return block_m, 64 if long_keys else 32, block_d, 4, 3 if long_keys else 2
+    return block_m, 64 if long_keys else 32, 4, 3 if long_keys else 2
 
 
 def preferred(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -173,9 +172,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if d % VEC:
         raise ValueError(f"the head size must be a multiple of {VEC}, got {d}")
     q, k, v = (t if all(st % VEC == 0 for st in t.stride()[:3]) else t.contiguous() for t in (q, k, v))
-    block_m, block_n, _, warps, stages = block_sizes(tq, k.shape[2], d)
-    if config is not None:
-        block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages = config if config is not None else block_sizes(tq, k.shape[2])
     block_d, block_d2 = head_blocks(d)
     out = torch.empty(bq, tq, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     grid = (triton.cdiv(tq, block_m), bq * hq)

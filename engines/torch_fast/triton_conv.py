@@ -236,10 +236,11 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
             and (cfg.box is None or stride == 1))
 
 
-def _launch_tma(x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout, k_steps_per_split,
-                groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
-    """The TMA kernel's descriptors and grid. Its 4-D descriptors see the channels_last maps as the (N, H, W, C)
-    tensors they are in memory; the weight's as (groups * rows, Cout)."""
+def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout,
+                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
+    """The TMA kernel's descriptors and launch (grid: one program per box, N tile and split, as `_conv2d` counts
+    them). Its 4-D descriptors see the channels_last maps as the (N, H, W, C) tensors they are in memory; the
+    weight's as (groups * rows, Cout)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bi, bh, bw = cfg.box
@@ -248,7 +249,6 @@ def _launch_tma(x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh,
     w_desc = TensorDescriptor.from_tensor(weight.reshape(-1, cout), [cfg.block_k, cfg.block_n])
     x2_desc = x_desc if shortcut is None else TensorDescriptor.from_tensor(shortcut.permute(0, 2, 3, 1), a_block)
     tiles_y, tiles_x = triton.cdiv(oh, bh), triton.cdiv(ow, bw)
-    grid = (triton.cdiv(n_img, bi) * tiles_y * tiles_x, triton.cdiv(cout, cfg.block_n), cfg.split_k * groups)
     _conv_tma_kernel[grid](
         x_desc, w_desc, x2_desc, weight if bias is None else bias, out, weight if residual is None else residual,
         weight if ws is None else ws, weight if counts is None else counts,
@@ -301,19 +301,18 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     sum_only (tuning): with split_k > 1, return the fp32 sum of the partials, (groups * M, Cout), and skip the bias,
     residual and cast; that is what a split costs inside a compiled part, where those fuse into the consumer.
     """
-    if fixup is None:
-        fixup = SPLIT_FIXUP and x.is_cuda and not sum_only
-    if fixup and cfg.split_k > 1 and x.is_cuda and not sum_only:
+    fixup = (SPLIT_FIXUP and x.is_cuda if fixup is None else fixup) and cfg.split_k > 1 and not sum_only
+    if fixup and x.is_cuda:
         box = list(cfg.box) if cfg.box is not None else []
         return torch.ops.cnrt.conv2d_split_fixup(
             x, weight, bias, shortcut, residual, kernel_size, stride, padding,
             [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages], box, groups)
-    return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, sum_only,
-                   fixup and cfg.split_k > 1 and not sum_only)
+    return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, sum_only, fixup)
 
 
 def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, groups, shortcut, residual, sum_only,
             fixup: bool) -> torch.Tensor:
+    """`conv2d_nhwc` itself; fixup (only with split_k > 1): the kernel adds the partial sums."""
     n, c, h, w = x.shape
     cout = weight.shape[-1]
     c2 = 0 if shortcut is None else shortcut.shape[1]
@@ -336,16 +335,14 @@ def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, grou
         residual = residual.contiguous(memory_format=torch.channels_last)
     k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
     split = cfg.split_k
-    fixup = fixup and split > 1
-    fused_epilogue = split == 1 or fixup
-    has_bias = bias is not None and fused_epilogue
-    has_residual = residual is not None and fused_epilogue
+    final = split == 1 or fixup  # the kernel writes the finished output: bias, residual and cast included
+    has_bias = bias is not None and final
+    has_residual = residual is not None and final
     bias_stride = 0
     if bias is not None:
         if bias.stride(-1) != 1:
             bias = bias.contiguous()
         bias_stride = bias.stride(0) if bias.dim() == 2 else 0
-    final = split == 1 or fixup
     out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
                       dtype=x.dtype if final else torch.float32)
     ws = counts = None
@@ -359,8 +356,8 @@ def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, grou
         ws = torch.empty((split, groups * m, cout), device=x.device, dtype=torch.float32)
         counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
     if cfg.box is not None:
-        _launch_tma(x, weight, bias if has_bias else None, out, shortcut, residual if has_residual else None, ws,
-                    counts, n // groups, oh, ow, c, cout, k_steps // split, groups, m, bias_stride, kernel_size,
+        _launch_tma(grid, x, weight, bias if has_bias else None, out, shortcut, residual if has_residual else None,
+                    ws, counts, n // groups, oh, ow, c, cout, k_steps // split, groups, m, bias_stride, kernel_size,
                     padding, cfg)
     else:
         # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph. Arguments the
