@@ -269,7 +269,8 @@ _regions: dict = {}
 
 def _tile_counters(device: torch.device, weight: torch.Tensor, tiles: int) -> torch.Tensor:
     """Zeroed arrival counters for one convolution's tiles: a region of a per-device buffer, one region per weight
-    tensor (so two convolutions on two streams never share counters). The kernel leaves them at zero. The buffer is
+    tensor (so two convolutions on two streams never share counters, for the first _REGIONS weights seen; the step
+    has fewer than 60 split convolutions). The kernel leaves them at zero. The buffer is
     made on a device's first call, which the runner makes in warm-up, before any CUDA-graph capture."""
     if tiles > _COUNTS_PER_REGION:
         raise ValueError(f"{tiles} output tiles exceed the {_COUNTS_PER_REGION} counters a convolution may use")
