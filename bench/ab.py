@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engines.torch_fast.compile import JIT_CACHE as JIT_CACHE_FILE
 
-KEEP = re.compile(r"^(loop|decode|part |kernel time|  \S.*kernels$)")
+KEEP = re.compile(r"^(loop|latent|decode|part |kernel time|  \S.*kernels$)")
 JIT_CACHE = Path("build/256x384-fp16/torch") / JIT_CACHE_FILE  # profile_step's default profile
 
 

@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from engines.torch_fast import pdl
 from profiles.config import env_flag
 
 try:
@@ -39,13 +40,14 @@ if triton is not None:
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
                           HEADS, TQ, TK, qk_scale, HEAD_D: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_D2: tl.constexpr, EVEN_N: tl.constexpr):
+                          BLOCK_D2: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr = False):
         # Strides come in units of VEC elements and the head size is a constant, so the compiler knows every row
         # starts 16-byte aligned and the head-size mask is constant over 8 lanes: 16-byte loads even for d = 40
         # (a runtime d or stride of 40 would be divisible by 8 but not 16, and Triton would load element-wise).
         # The head is BLOCK_D columns, plus BLOCK_D2 more when BLOCK_D2 > 0: d = 80 as 64 + 16 and 160 as
         # 128 + 32 (not 128 and 256), so the matmuls do no padded work (see head_blocks).
         # EVEN_N: TK is a multiple of BLOCK_N, so no key needs masking.
+        pdl.begin(PDL)
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HEADS
@@ -177,10 +179,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(bq, tq, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     grid = (triton.cdiv(tq, block_m), bq * hq)
     strides = [st // VEC for t in (q, k, v, out) for st in t.stride()[:3]]
+    use_pdl = pdl.enabled(q.device)
     _attention_kernel[grid](
         q, k, v, out, *strides, hq, tq, k.shape[2], 1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, VEC=VEC,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=k.shape[2] % block_n == 0,
-        num_warps=warps, num_stages=stages)
+        PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from engines.torch_fast import pdl
 from profiles.config import env_flag
 
 try:
@@ -107,7 +108,8 @@ if triton is not None:
                           H, W, C, OW, OHW, COUT, M, K_STEPS_PER_SPLIT, SPLIT, GROUPS, C2, BIAS_STRIDE,
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_z = tl.program_id(2)
@@ -162,11 +164,12 @@ if triton is not None:
                          PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                          BOX_I: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         """Stride-1 convolution, A and B tiles by TMA: the output tile is a BOX_I x BOX_H x BOX_W block of
         (image, row, column), so the tap (ky, kx)'s A tile is the same block of the input shifted by
         (ky - PAD, kx - PAD); the copy engine fills what falls outside the map (the padding) with zeros."""
         BLOCK_M: tl.constexpr = BOX_I * BOX_H * BOX_W
+        pdl.begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_z = tl.program_id(2)
@@ -237,8 +240,9 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
 
 
 def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout,
-                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
-    """The TMA kernel's descriptors and launch (grid: one program per box, N tile and split, as `_conv2d` counts
+                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig,
+                use_pdl: bool) -> None:
+    """The TMA kernel's descriptors and launch (grid: one program per box, N tile and split, as `_launch` counts
     them). Its 4-D descriptors see the channels_last maps as the (N, H, W, C) tensors they are in memory; the
     weight's as (groups * rows, Cout)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -255,8 +259,8 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         n_img, oh, ow, c, cout, weight.shape[-2], k_steps_per_split, cfg.split_k, groups, m, bias_stride,
         tiles_y, tiles_x, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
         HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
-        BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=use_pdl)
 
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in until measured on a GPU (bench/NOTES.md).
@@ -291,8 +295,7 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     weight[g] (groups, kh*kw*Cin, Cout) and bias[g] (groups, Cout; rows may be strided). With split_k > 1 the
     programs write fp32 partial sums (split_k, M, Cout) that one reduction adds up (with the bias); under
     torch.compile that reduction fuses into whatever consumes the output. With fixup (default: CNRT_SPLIT_FIXUP on
-    CUDA) the kernel adds them up itself instead: the last program of each tile, in a fixed order (see `_epilogue`);
-    on CUDA this runs as the operator cnrt::conv2d_split_fixup, which torch.compile keeps whole.
+    CUDA) the kernel adds them up itself instead: the last program of each tile, in a fixed order (see `_epilogue`).
 
     The two fusions a ResNet block's second convolution needs, so it is one kernel:
     - shortcut (N, C2, OH, OW), channels_last: adds the 1x1 convolution of it, whose (C2, Cout) weight rows follow
@@ -301,19 +304,12 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
 
     sum_only (tuning): with split_k > 1, return the fp32 sum of the partials, (groups * M, Cout), and skip the bias,
     residual and cast; that is what a split costs inside a compiled part, where those fuse into the consumer.
+
+    The launch runs as the operator cnrt::conv2d_launch (which torch.compile keeps whole) when the kernel needs
+    what a traced launch cannot give: the split fixup's private arrival counters, or PDL's launch attribute
+    (`pdl.py`). Otherwise it is called directly, and under torch.compile Dynamo records the kernel in the graph.
     """
     fixup = (SPLIT_FIXUP and x.is_cuda if fixup is None else fixup) and cfg.split_k > 1 and not sum_only
-    if fixup and x.is_cuda:
-        box = list(cfg.box) if cfg.box is not None else []
-        return torch.ops.cnrt.conv2d_split_fixup(
-            x, weight, bias, shortcut, residual, kernel_size, stride, padding,
-            [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages], box, groups)
-    return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, sum_only, fixup)
-
-
-def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, groups, shortcut, residual, sum_only,
-            fixup: bool) -> torch.Tensor:
-    """`conv2d_nhwc` itself; fixup (only with split_k > 1): the kernel adds the partial sums."""
     n, c, h, w = x.shape
     cout = weight.shape[-1]
     c2 = 0 if shortcut is None else shortcut.shape[1]
@@ -334,42 +330,19 @@ def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, grou
         shortcut = shortcut.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
-    split = cfg.split_k
-    final = split == 1 or fixup  # the kernel writes the finished output: bias, residual and cast included
-    has_bias = bias is not None and final
-    has_residual = residual is not None and final
-    bias_stride = 0
-    if bias is not None:
-        if bias.stride(-1) != 1:
-            bias = bias.contiguous()
-        bias_stride = bias.stride(0) if bias.dim() == 2 else 0
-    out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
-                      dtype=x.dtype if final else torch.float32)
-    ws = counts = None
-    if cfg.box is not None:
-        bi, bh, bw = cfg.box
-        grid = (triton.cdiv(n // groups, bi) * triton.cdiv(oh, bh) * triton.cdiv(ow, bw),
-                triton.cdiv(cout, cfg.block_n), split * groups)
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    final = cfg.split_k == 1 or fixup  # the kernel writes the finished output: bias, residual and cast included
+    kernel_bias = bias if final else None
+    kernel_residual = residual if final else None
+    if x.is_cuda and (fixup or pdl.enabled(x.device)):
+        out = torch.ops.cnrt.conv2d_launch(
+            x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding,
+            [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages],
+            list(cfg.box) if cfg.box is not None else [], groups, fixup)
     else:
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
-    if fixup:
-        ws = torch.empty((split, groups * m, cout), device=x.device, dtype=torch.float32)
-        counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
-    if cfg.box is not None:
-        _launch_tma(grid, x, weight, bias if has_bias else None, out, shortcut, residual if has_residual else None,
-                    ws, counts, n // groups, oh, ow, c, cout, k_steps // split, groups, m, bias_stride, kernel_size,
-                    padding, cfg)
-    else:
-        # Called directly under torch.compile too: Dynamo records user Triton kernels in the graph. Arguments the
-        # kernel never reads get the weight, not `out`, so no argument aliases the one it writes.
-        _conv_nhwc_kernel[grid](
-            x, weight, bias if has_bias else weight, out, weight if shortcut is None else shortcut,
-            residual if has_residual else weight, weight if ws is None else ws, weight if counts is None else counts,
-            h, w, c, ow, oh * ow, cout, m, k_steps // split, split, groups, c2, bias_stride,
-            STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=has_bias, HAS_SHORTCUT=shortcut is not None,
-            HAS_RESIDUAL=has_residual, FIXUP=fixup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out = _launch(x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding, cfg, groups,
+                      fixup)
     if final:
         result = out[0]
     elif sum_only:
@@ -384,22 +357,70 @@ def _conv2d(x, weight, bias, kernel_size, stride, padding, cfg: ConvConfig, grou
     return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
 
 
+def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, cfg: ConvConfig, groups,
+            fixup: bool) -> torch.Tensor:
+    """One launch of a kernel for checked, channels_last inputs -> its output rows: (1, groups * M, Cout) in x's
+    dtype when the kernel finishes them (no split, or fixup; bias and residual are then added in it), else the
+    (split_k, groups * M, Cout) fp32 partial sums (bias and residual must then be None: added after the sum)."""
+    n, c, h, w = x.shape
+    cout = weight.shape[-1]
+    c2 = 0 if shortcut is None else shortcut.shape[1]
+    oh, ow = output_size(h, w, kernel_size, stride, padding)
+    m = n // groups * oh * ow
+    k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
+    split = cfg.split_k
+    final = split == 1 or fixup
+    bias_stride = 0 if bias is None or bias.dim() != 2 else bias.stride(0)
+    out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
+                      dtype=x.dtype if final else torch.float32)
+    ws = counts = None
+    if cfg.box is not None:
+        bi, bh, bw = cfg.box
+        grid = (triton.cdiv(n // groups, bi) * triton.cdiv(oh, bh) * triton.cdiv(ow, bw),
+                triton.cdiv(cout, cfg.block_n), split * groups)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
+    if fixup:
+        ws = torch.empty((split, groups * m, cout), device=x.device, dtype=torch.float32)
+        counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
+    use_pdl = pdl.enabled(x.device)
+    if cfg.box is not None:
+        _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n // groups, oh, ow, c, cout,
+                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg, use_pdl)
+    else:
+        # Called directly under torch.compile too (then use_pdl is False: see conv2d_nhwc). Arguments the kernel
+        # never reads get the weight, not `out`, so no argument aliases the one it writes.
+        _conv_nhwc_kernel[grid](
+            x, weight, weight if bias is None else bias, out, weight if shortcut is None else shortcut,
+            weight if residual is None else residual, weight if ws is None else ws,
+            weight if counts is None else counts,
+            h, w, c, ow, oh * ow, cout, m, k_steps // split, split, groups, c2, bias_stride,
+            STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
+            HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=fixup,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+    return out
+
+
 if triton is not None:
 
-    @torch.library.custom_op("cnrt::conv2d_split_fixup", mutates_args=(), device_types="cuda")
-    def _split_fixup_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        shortcut: Optional[torch.Tensor], residual: Optional[torch.Tensor], kernel_size: int,
-                        stride: int, padding: int, config: list[int], box: list[int], groups: int) -> torch.Tensor:
-        """A split-K `conv2d_nhwc` that reduces in the kernel, as one operator: its arrival counters live in a
-        buffer torch.compile does not see, so it must not trace the launch."""
+    @torch.library.custom_op("cnrt::conv2d_launch", mutates_args=(), device_types="cuda")
+    def _launch_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   shortcut: Optional[torch.Tensor], residual: Optional[torch.Tensor], kernel_size: int,
+                   stride: int, padding: int, config: list[int], box: list[int], groups: int,
+                   fixup: bool) -> torch.Tensor:
+        """`_launch` as one operator that torch.compile does not trace into: the fixup's arrival counters live in
+        a buffer it does not see, and a traced launch would drop PDL's launch attribute."""
         cfg = ConvConfig(*config, box=tuple(box) if box else None)
-        return _conv2d(x, weight, bias, kernel_size, stride, padding, cfg, groups, shortcut, residual, False, True)
+        return _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, cfg, groups, fixup)
 
-    @_split_fixup_op.register_fake
-    def _(x, weight, bias, shortcut, residual, kernel_size, stride, padding, config, box, groups):
+    @_launch_op.register_fake
+    def _(x, weight, bias, shortcut, residual, kernel_size, stride, padding, config, box, groups, fixup):
         n, _, h, w = x.shape
         oh, ow = output_size(h, w, kernel_size, stride, padding)
-        return x.new_empty(n, oh, ow, weight.shape[-1]).permute(0, 3, 1, 2)
+        final = config[3] == 1 or fixup
+        return x.new_empty((1 if final else config[3], n * oh * ow, weight.shape[-1]),
+                           dtype=x.dtype if final else torch.float32)
 
 
 # (block_m, block_n, num_warps, num_stages) tried per shape; block_k is 64 (every wide Cin is a multiple of it).

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from engines.torch_fast import pdl
 from profiles.config import env_flag
 
 try:
@@ -46,7 +47,8 @@ if triton is not None:
     def _geglu_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, N_OUT, K,
                       s_ag, s_am, s_wg, s_wk, s_wn, s_bg, s_og, s_om,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -75,10 +77,11 @@ if triton is not None:
     @triton.jit
     def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, s_bg, s_og, s_om,
                           HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
         past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
         stacked matrices) else the (2N, K) Linear weight."""
+        pdl.begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -170,16 +173,17 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
         a = a.contiguous()
     m = a.shape[1]
     out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
+    use_pdl = pdl.enabled(x.device)
     args = (a, w, b if b is not None else w, out, m, n_out, k, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
             w.stride(2), 0 if b is None else b.stride(0), out.stride(0), out.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K)
+        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K, PDL=use_pdl, launch_pdl=use_pdl)
     else:
         block_m, block_n, warps, stages = config
         _geglu_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, PDL=use_pdl, launch_pdl=use_pdl)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -201,15 +205,17 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     w_desc = (TensorDescriptor.from_tensor(weight.contiguous().reshape(groups * k, 2 * n_out), [BLOCK_K, block_n])
               if w_kn else TensorDescriptor.from_tensor(weight.contiguous(), [block_n, BLOCK_K]))
     out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
+    use_pdl = pdl.enabled(x.device)
     args = (a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
             out.stride(0), out.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K)
+        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K, PDL=use_pdl,
+                               launch_pdl=use_pdl)
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, PDL=use_pdl, launch_pdl=use_pdl)
     return out.reshape(*x.shape[:-1], n_out)
 
 
