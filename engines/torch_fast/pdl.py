@@ -39,6 +39,12 @@ def enabled(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def launch_options(use_pdl: bool) -> dict:
+    """Keyword arguments of a kernel launch: the PDL attribute only when on, because Dynamo rejects the keyword
+    when it traces a launch (the direct, non-PDL path of `triton_conv`)."""
+    return {"launch_pdl": True} if use_pdl else {}
+
+
 if triton is not None:
 
     @triton.jit

@@ -183,7 +183,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _attention_kernel[grid](
         q, k, v, out, *strides, hq, tq, k.shape[2], 1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, VEC=VEC,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=k.shape[2] % block_n == 0,
-        PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
+        PDL=use_pdl, num_warps=warps, num_stages=stages, **pdl.launch_options(use_pdl))
     return out
 
 

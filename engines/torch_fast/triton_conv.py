@@ -260,7 +260,7 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         tiles_y, tiles_x, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
         HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
         BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        num_stages=cfg.num_stages, **pdl.launch_options(use_pdl))
 
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in until measured on a GPU (bench/NOTES.md).
@@ -398,7 +398,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
             STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
             HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=fixup,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(use_pdl))
     return out
 
 

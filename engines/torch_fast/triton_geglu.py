@@ -178,12 +178,12 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
             w.stride(2), 0 if b is None else b.stride(0), out.stride(0), out.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K, PDL=use_pdl, launch_pdl=use_pdl)
+        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K, PDL=use_pdl, **pdl.launch_options(use_pdl))
     else:
         block_m, block_n, warps, stages = config
         _geglu_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps,
-            num_stages=stages, PDL=use_pdl, launch_pdl=use_pdl)
+            num_stages=stages, PDL=use_pdl, **pdl.launch_options(use_pdl))
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -211,11 +211,11 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
         _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K, PDL=use_pdl,
-                               launch_pdl=use_pdl)
+                               **pdl.launch_options(use_pdl))
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-            num_warps=warps, num_stages=stages, PDL=use_pdl, launch_pdl=use_pdl)
+            num_warps=warps, num_stages=stages, PDL=use_pdl, **pdl.launch_options(use_pdl))
     return out.reshape(*x.shape[:-1], n_out)
 
 
