@@ -56,9 +56,12 @@ def main(argv=None) -> int:
             output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             status = f"timed out after {a.timeout} s"
         print(status)
-        for line in output.splitlines():
+        lines = output.splitlines()
+        for line in lines:
             if KEEP.match(line):
                 print(line)
+        if status != "rc 0":  # say why: the end of what it printed
+            print("\n".join("  | " + line for line in lines[-12:]))
         loops.append(loop_ms(output))
     print("\nloop ms: " + ", ".join(f"{text or '(defaults)'}: {'-' if ms is None else f'{ms:.2f}'}"
                                     for (text, _), ms in zip(variants, loops)))

@@ -7,7 +7,7 @@ with the programmatic-serialisation attribute may be scheduled as soon as every 
 has called `griddepcontrol.launch_dependents`; it then blocks in `griddepcontrol.wait` until that kernel has
 finished and its writes are visible. CUDA-graph capture keeps the edge (a programmatic dependency).
 
-The rule every PDL kernel here keeps: `begin()` first, before any load or store, and it waits before it signals.
+The rule every PDL kernel here keeps: `pdl_begin()` first, before any load or store, and it waits before it signals.
 So a kernel signals only once everything before it has finished, and a chain of PDL kernels stays ordered exactly
 as a plain stream is (a kernel without the attribute, such as a cuBLAS GEMM, waits for full completion as usual).
 Inductor's own kernels get PDL from its switch (TORCHINDUCTOR_ENABLE_PDL=1), which follows the same rule.
@@ -48,7 +48,7 @@ def launch_options(use_pdl: bool) -> dict:
 if triton is not None:
 
     @triton.jit
-    def begin(PDL: tl.constexpr):
+    def pdl_begin(PDL: tl.constexpr):
         """A PDL kernel's first statement: wait until the kernel before has finished (its writes visible), then
         let the next kernel be scheduled. Nothing without PDL."""
         if PDL:

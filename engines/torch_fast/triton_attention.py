@@ -34,7 +34,7 @@ except ImportError:  # CPU-only installs
 VEC = 8  # elements in 16 bytes of fp16: head sizes and strides must be multiples of it
 
 if triton is not None:
-    from engines.torch_fast.pdl import begin as _pdl_begin  # a plain global name: Inductor re-emits traced kernels
+    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
@@ -48,7 +48,7 @@ if triton is not None:
         # The head is BLOCK_D columns, plus BLOCK_D2 more when BLOCK_D2 > 0: d = 80 as 64 + 16 and 160 as
         # 128 + 32 (not 128 and 256), so the matmuls do no padded work (see head_blocks).
         # EVEN_N: TK is a multiple of BLOCK_N, so no key needs masking.
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HEADS

@@ -72,7 +72,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from engines.torch_fast.pdl import begin as _pdl_begin  # a plain global name: Inductor re-emits traced kernels
+    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
 
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
@@ -110,7 +110,7 @@ if triton is not None:
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_z = tl.program_id(2)
@@ -170,7 +170,7 @@ if triton is not None:
         (image, row, column), so the tap (ky, kx)'s A tile is the same block of the input shifted by
         (ky - PAD, kx - PAD); the copy engine fills what falls outside the map (the padding) with zeros."""
         BLOCK_M: tl.constexpr = BOX_I * BOX_H * BOX_W
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_z = tl.program_id(2)

@@ -36,7 +36,7 @@ ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU 
 TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
 
 if triton is not None:
-    from engines.torch_fast.pdl import begin as _pdl_begin  # a plain global name: Inductor re-emits traced kernels
+    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
 
     def _configs():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -49,7 +49,7 @@ if triton is not None:
                       s_ag, s_am, s_wg, s_wk, s_wn, s_bg, s_og, s_om,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -82,7 +82,7 @@ if triton is not None:
         """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
         past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
         stacked matrices) else the (2N, K) Linear weight."""
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
