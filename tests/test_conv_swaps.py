@@ -372,6 +372,8 @@ def test_split_k_reduced_in_the_kernel_on_sd15_shapes(groups, n, cin, h, w, cout
     configs = candidate_configs(groups * n * h * w, cout, cin, 3, shortcut)
     configs += tma_candidate_configs(n, h, w, cout, cin, 3, shortcut, groups)
     for cfg in [c for c in configs if c.split_k > 1][::4]:
+        torch._dynamo.reset()  # one compile per config, not Dynamo's recompile limit of one code object
+
         def conv(x, cfg=cfg):
             return triton_conv.conv2d_nhwc(x, t.mats[0], t.bs[0], 3, 1, 1, cfg, groups=groups, shortcut=t.x2s[0],
                                            fixup=True)
