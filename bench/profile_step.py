@@ -23,6 +23,10 @@ PROMPT = ("a bird", "best quality, extremely detailed", "longbody, lowres, bad a
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
+    if n.startswith(("triton_poi_", "triton_red_", "triton_per_")):
+        # Inductor's kernels, first: their names list the operators fused in, which may be a convolution's
+        # (e.g. `triton_poi_fused_conv2d_launch_silu_0` reads what cnrt::conv2d_launch wrote)
+        return "triton (fused elementwise / norm)"
     if "flash" in n or "fmha" in n or "attention" in n:
         return "attention"
     if "conv" in n or "implicit" in n or "xmma_fprop" in n or "sm90_xmma" in n or "cudnn" in n:

@@ -103,6 +103,43 @@ print(((partial + b.float() - rows).abs().max() / rows.abs().max()).item())
 """
 
 
+LAUNCH_FAKE_CHECK = r"""
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from engines.torch_fast import triton_conv
+from engines.torch_fast.triton_conv import ConvConfig, weight_matrix
+
+def case(cin, cout, h, w, split, groups, n, tma, stride, fixup):
+    x = torch.randn(n * groups, cin, h, w).half().contiguous(memory_format=torch.channels_last)
+    mats = [weight_matrix(torch.randn(cout, cin, 3, 3).half() * 0.05) for _ in range(groups)]
+    mat = mats[0] if groups == 1 else torch.stack(mats)
+    cfg = ConvConfig(16, 32, 32, split, 4, 2, box=(1, 4, 4) if tma else None)
+    final = split == 1 or fixup
+    bias = torch.randn(cout).half() if final else None
+    real = triton_conv._launch(x, mat, bias, None, None, 3, stride, 1, cfg, groups, fixup)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx, fm = mode.from_tensor(x), mode.from_tensor(mat)
+        fb = None if bias is None else mode.from_tensor(bias)
+        fake = torch.ops.cnrt.conv2d_launch(fx, fm, fb, None, None, 3, stride, 1,
+                                            [16, 32, 32, split, 4, 2], [1, 4, 4] if tma else [], groups, fixup)
+    got, want = (fake.shape, fake.dtype, fake.stride()), (real.shape, real.dtype, real.stride())
+    assert got == want, (got, want)
+    print(tuple(real.shape), real.dtype)
+
+for args in [(64, 48, 5, 7, 1, 1, 2, 0, 1, False), (64, 48, 5, 7, 2, 1, 2, 1, 1, False),
+             (64, 40, 8, 12, 3, 2, 1, 0, 2, True), (64, 32, 4, 6, 2, 2, 2, 1, 1, True)]:
+    case(*args)
+"""
+
+
+def test_the_launch_operators_fake_matches_the_kernels_output():
+    """cnrt::conv2d_launch's fake (what torch.compile plans buffers with) has the shape, dtype and strides of what
+    the launch returns: whole fp16 rows, fp32 partials per split, fixup, groups, stride 2, both kernels."""
+    out = run_interpreted(LAUNCH_FAKE_CHECK, [])
+    assert out.split() == ["(1,", "70,", "48)", "torch.float16", "(2,", "70,", "48)", "torch.float32",
+                           "(1,", "48,", "40)", "torch.float16", "(1,", "96,", "32)", "torch.float16"]
+
+
 def test_sum_only_is_the_split_k_sum_without_the_finish():
     """What the tuner times for a split config: the fp32 sum of the partials, before bias and cast."""
     out = run_interpreted(SUM_ONLY_CHECK, [])
