@@ -1,8 +1,8 @@
 """Programmatic dependent launch (PDL) for our Triton kernels: the next kernel starts while this one ends.
 
 Why: the captured loop is about 10,000 kernels, most of them a few microseconds long, one after another on one
-stream. Between two dependent kernels the GPU drains the first grid, then launches and ramps up the second: the
-profiler shows about 7 ms of such gaps a loop (bench/NOTES.md). With PDL (Hopper and later) a kernel launched
+stream. Between two dependent kernels the GPU drains the first grid, then launches and ramps up the second, and
+the question was how much of the loop that costs. With PDL (Hopper and later) a kernel launched
 with the programmatic-serialisation attribute may be scheduled as soon as every program of the kernel before it
 has called `griddepcontrol.launch_dependents`; it then blocks in `griddepcontrol.wait` until that kernel has
 finished and its writes are visible. CUDA-graph capture keeps the edge (a programmatic dependency).
@@ -10,10 +10,14 @@ finished and its writes are visible. CUDA-graph capture keeps the edge (a progra
 The rule every PDL kernel here keeps: `pdl_begin()` first, before any load or store, and it waits before it signals.
 So a kernel signals only once everything before it has finished, and a chain of PDL kernels stays ordered exactly
 as a plain stream is (a kernel without the attribute, such as a cuBLAS GEMM, waits for full completion as usual).
-Inductor's own kernels get PDL from its switch (TORCHINDUCTOR_ENABLE_PDL=1), which follows the same rule.
+Inductor's own kernels have a switch of their own (TORCHINDUCTOR_ENABLE_PDL=1) that waits only where a kernel
+reads what the kernel just before it wrote.
 
-CNRT_PDL=1 turns it on for our kernels (opt-in until measured in the loop, bench/NOTES.md); it needs compute
-capability 9.0 and is off under Triton's interpreter (no `griddepcontrol` there).
+Measured (bench/NOTES.md, eighth session, one H200): loop 72.05 ms with CNRT_PDL=1 against 72.11 without, the
+captured loop equal to eager byte for byte; with Inductor's switch too, 71.94 ms, but the eager loop then differed
+from the captured one. The gaps between kernels are ~0.3 us already, so there is little to hide. CNRT_PDL=1 turns
+it on for our kernels (off by default); it needs compute capability 9.0 and is off under Triton's interpreter (no
+`griddepcontrol` there).
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ def enabled(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def launch_options(use_pdl: bool) -> dict:
-    """Keyword arguments of a kernel launch: the PDL attribute only when on, because Dynamo rejects the keyword
-    when it traces a launch (the direct, non-PDL path of `triton_conv`)."""
-    return {"launch_pdl": True} if use_pdl else {}
+def launch_args(device: torch.device) -> dict:
+    """Keyword arguments for a launch of one of our kernels on `device`: the kernel's PDL switch and, only when on,
+    the launch attribute (Dynamo rejects that keyword when it traces a launch: the direct path of `triton_conv`)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
 
 
 if triton is not None:

@@ -180,11 +180,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(bq, tq, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     grid = (triton.cdiv(tq, block_m), bq * hq)
     strides = [st // VEC for t in (q, k, v, out) for st in t.stride()[:3]]
-    use_pdl = pdl.enabled(q.device)
     _attention_kernel[grid](
         q, k, v, out, *strides, hq, tq, k.shape[2], 1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, VEC=VEC,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=k.shape[2] % block_n == 0,
-        PDL=use_pdl, num_warps=warps, num_stages=stages, **pdl.launch_options(use_pdl))
+        num_warps=warps, num_stages=stages, **pdl.launch_args(q.device))
     return out
 
 

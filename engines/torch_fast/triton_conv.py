@@ -242,8 +242,7 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
 
 
 def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout,
-                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig,
-                use_pdl: bool) -> None:
+                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
     """The TMA kernel's descriptors and launch (grid: one program per box, N tile and split, as `_launch` counts
     them). Its 4-D descriptors see the channels_last maps as the (N, H, W, C) tensors they are in memory; the
     weight's as (groups * rows, Cout)."""
@@ -261,8 +260,8 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         n_img, oh, ow, c, cout, weight.shape[-2], k_steps_per_split, cfg.split_k, groups, m, bias_stride,
         tiles_y, tiles_x, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
         HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
-        BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl.launch_options(use_pdl))
+        BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl.launch_args(x.device))
 
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in until measured on a GPU (bench/NOTES.md).
@@ -385,12 +384,11 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
     if fixup:
         ws = torch.empty((split, groups * m, cout), device=x.device, dtype=torch.float32)
         counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
-    use_pdl = pdl.enabled(x.device)
     if cfg.box is not None:
         _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n // groups, oh, ow, c, cout,
-                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg, use_pdl)
+                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg)
     else:
-        # Called directly under torch.compile too (then use_pdl is False: see conv2d_nhwc). Arguments the kernel
+        # Called directly under torch.compile too (only with PDL off: see conv2d_nhwc). Arguments the kernel
         # never reads get the weight, not `out`, so no argument aliases the one it writes.
         _conv_nhwc_kernel[grid](
             x, weight, weight if bias is None else bias, out, weight if shortcut is None else shortcut,
@@ -399,8 +397,8 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
             h, w, c, ow, oh * ow, cout, m, k_steps // split, split, groups, c2, bias_stride,
             STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
             HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=fixup,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=use_pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(use_pdl))
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **pdl.launch_args(x.device))
     return out
 
 

@@ -174,17 +174,16 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
         a = a.contiguous()
     m = a.shape[1]
     out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
-    use_pdl = pdl.enabled(x.device)
     args = (a, w, b if b is not None else w, out, m, n_out, k, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
             w.stride(2), 0 if b is None else b.stride(0), out.stride(0), out.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K, PDL=use_pdl, **pdl.launch_options(use_pdl))
+        _geglu_tuned[grid](*args, HAS_BIAS=b is not None, BLOCK_K=BLOCK_K, **pdl.launch_args(x.device))
     else:
         block_m, block_n, warps, stages = config
         _geglu_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=warps,
-            num_stages=stages, PDL=use_pdl, **pdl.launch_options(use_pdl))
+            num_stages=stages, **pdl.launch_args(x.device))
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -206,17 +205,16 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     w_desc = (TensorDescriptor.from_tensor(weight.contiguous().reshape(groups * k, 2 * n_out), [BLOCK_K, block_n])
               if w_kn else TensorDescriptor.from_tensor(weight.contiguous(), [block_n, BLOCK_K]))
     out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
-    use_pdl = pdl.enabled(x.device)
     args = (a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
             out.stride(0), out.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K, PDL=use_pdl,
-                               **pdl.launch_options(use_pdl))
+        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K,
+                               **pdl.launch_args(x.device))
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-            num_warps=warps, num_stages=stages, PDL=use_pdl, **pdl.launch_options(use_pdl))
+            num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
     return out.reshape(*x.shape[:-1], n_out)
 
 
