@@ -77,8 +77,9 @@ def print_host_stages(rt, args) -> None:
 
 
 def print_latent_check(rt, x) -> None:
-    """The loop's final latent for a fixed x_T, as a digest: A/B variants that only reorder or overlap the same
-    kernels (streams, PDL) must print the same one. Also whether graph replays repeat it and eager steps match it."""
+    """The loop's final latent for a fixed x_T: whether graph replays repeat it and eager steps give the same
+    bytes (what a variant that only reorders or overlaps kernels, such as PDL, must keep), and its digest. Digests
+    of two processes may differ: the GEGLU autotuner may pick another tile in each."""
     replays = [rt.loop(x) for _ in range(3)]
     with torch.no_grad():
         eager = rt.loop.run_eager(x.clone())

@@ -4,8 +4,8 @@ Why: in the captured loop every cuDNN attention call is a memset plus the attent
 time before the kernel where 0.4 us is usual between kernels: about 180 us a step, 3.6 ms a loop on an H200
 (bench/NOTES.md, session 4). Most calls are small: the cross-attentions (77 text tokens, every level) and the
 self-attentions at levels 1-3 (384, 96 and 24 tokens). This kernel is one launch with no memset: one program per
-(BLOCK_M queries, image, head), an online softmax over BLOCK_N keys at a time, head sizes 40 / 80 / 160 padded to
-the next power of two in registers only.
+(BLOCK_M queries, image, head), an online softmax over BLOCK_N keys at a time; head size 40 is padded to 64 in
+registers only, 80 and 160 run as two exact column blocks (`head_blocks`).
 
 `sdpa` is what the step calls: this kernel (as the operator cnrt::triton_attention, which torch.compile keeps
 whole) up to MAX_PAIRS query-key pairs a call, cuDNN SDPA above, where it is faster. Checked against

@@ -15,8 +15,9 @@ engine zero-fills past the border; the weight tile is a bulk copy too. On an H20
 shape between the two kernels and cuDNN.
 
 With a K split, the partial sums are added by one reduction that Inductor fuses into the consumer; with
-CNRT_SPLIT_FIXUP=1 (opt-in, not yet measured on a GPU) the last program of each output tile adds them inside the
-kernel, in a fixed order, and stores the final fp16 tile (`_epilogue`).
+CNRT_SPLIT_FIXUP=1 (opt-in, off: correct on an H200 but the loop was 5.5 ms slower, bench/NOTES.md session 8) the
+last program of each output tile adds them inside the kernel, in a fixed order, and stores the final fp16 tile
+(`_epilogue`).
 
 Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight as `weight_matrix` lays it out.
 """
@@ -264,7 +265,7 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         num_stages=cfg.num_stages, **pdl.launch_args(x.device))
 
 
-# Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in until measured on a GPU (bench/NOTES.md).
+# Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in, off (slower in the loop, bench/NOTES.md).
 SPLIT_FIXUP = env_flag("CNRT_SPLIT_FIXUP", False)
 _COUNTS_PER_REGION = 4096  # arrival counters one convolution may use (its output tiles; the step's need <= 480)
 _REGIONS = 256
@@ -376,9 +377,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
                       dtype=x.dtype if final else torch.float32)
     ws = counts = None
     if cfg.box is not None:
-        bi, bh, bw = cfg.box
-        grid = (triton.cdiv(n // groups, bi) * triton.cdiv(oh, bh) * triton.cdiv(ow, bw),
-                triton.cdiv(cout, cfg.block_n), split * groups)
+        grid = (box_tiles(n // groups, oh, ow, cfg.box), triton.cdiv(cout, cfg.block_n), split * groups)
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cout, cfg.block_n), split * groups)
     if fixup:
@@ -460,6 +459,11 @@ def _pow2_at_least(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+def box_tiles(images: int, h: int, w: int, box: "tuple[int, int, int]") -> int:
+    """How many (images, rows, columns) boxes tile `images` maps of h x w: the TMA kernel's programs per N tile."""
+    return -(-images // box[0]) * -(-h // box[1]) * -(-w // box[2])
+
+
 def output_box(images: int, h: int, w: int, block_m: int) -> "tuple[int, int, int] | None":
     """The (images, rows, columns) box of block_m pixels (powers of two, as Triton's blocks must be) that tiles
     `images` maps of h x w with the fewest wasted pixels; ties go to the widest box. None if no box fits."""
@@ -470,8 +474,7 @@ def output_box(images: int, h: int, w: int, block_m: int) -> "tuple[int, int, in
         while bw * bh <= block_m and bh <= _pow2_at_least(h):
             bi = block_m // (bw * bh)
             if bi <= _pow2_at_least(images):
-                tiles = -(-images // bi) * -(-h // bh) * -(-w // bw)
-                key = (tiles * block_m, -bw)
+                key = (box_tiles(images, h, w, (bi, bh, bw)) * block_m, -bw)
                 if best is None or key < best[0]:
                     best = (key, (bi, bh, bw))
             bh *= 2
@@ -494,7 +497,7 @@ def tma_candidate_configs(images: int, h: int, w: int, cout: int, in_channels: i
         box = output_box(images, h, w, bm)
         if box is None or bn > cout:
             continue
-        tiles = -(-images // box[0]) * -(-h // box[1]) * -(-w // box[2])
+        tiles = box_tiles(images, h, w, box)
         if tiles * bm > 1.34 * images * h * w and bm > 64:
             continue
         ctas = tiles * -(-cout // bn) * groups
