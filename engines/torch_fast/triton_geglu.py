@@ -45,6 +45,18 @@ if triton is not None:
                                      (128, 128, 8, 2))]
 
     @triton.jit
+    def _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om,
+                  HAS_BIAS: tl.constexpr):
+        """Both kernels' end: the biases, hidden * gelu(gate) (exact GELU, as F.gelu) and the store of the rows
+        below M of group g's output tile."""
+        if HAS_BIAS:
+            acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
+        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))
+        tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m < M)[:, None])
+
+    @triton.jit
     def _geglu_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, N_OUT, K,
                       s_ag, s_am, s_wg, s_wk, s_wn, s_bg, s_og, s_om,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,12 +80,7 @@ if triton is not None:
             acc_g = tl.dot(a, tl.load(h_ptrs + gate_offset), acc_g)
             a_ptrs += BLOCK_K
             h_ptrs += BLOCK_K * s_wk
-        if HAS_BIAS:
-            acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
-            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
-        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))  # exact GELU, as F.gelu
-        tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None])
+        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
 
     @triton.jit
     def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, s_bg, s_og, s_om,
@@ -102,12 +109,7 @@ if triton is not None:
             acc_g = tl.dot(a, wg, acc_g)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
-            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
-        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))
-        tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m < M)[:, None])
+        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
 
     # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
     _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
