@@ -24,7 +24,7 @@ from artifacts import Manifest, atomic_file, library_versions
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 12
+PARTS_VERSION = 13
 
 
 JIT_CACHE = "inductor_cache.bin"

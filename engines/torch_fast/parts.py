@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch_fast import residual_gemm
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
@@ -119,10 +120,39 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) ->
         q = _heads(attn2.to_q(block.norm2(h)), attn2.heads)
         a = sdpa(q, kv[2 * i], kv[2 * i + 1])
         h = attn2.to_out[0](_merge_heads(a)) + h
-        proj = block.ff.net[0].proj
-        h = block.ff.net[2](geglu(block.norm3(h), proj.weight, proj.bias)) + h
+        proj, ff2 = block.ff.net[0].proj, block.ff.net[2]
+        g = geglu(block.norm3(h), proj.weight, proj.bias)
+        if residual_gemm.FEED_FORWARD:
+            h = residual_gemm.linear_plus_residual(g, ff2.weight.t(), ff2.bias, h)
+        else:
+            h = ff2(g) + h
+    if residual_gemm.PROJ_OUT:
+        weight, bias = in_out_matrix(model.proj_out)
+        out = residual_gemm.linear_plus_residual(h, weight, bias, _rows_of(residual))
+        return out.reshape(b, height, width, out.shape[-1]).permute(0, 3, 1, 2)
     h = h.reshape(b, height, width, inner).permute(0, 3, 1, 2)
     return model.proj_out(h) + residual
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C): a view when x is channels_last."""
+    b, c, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, height * width, c)
+
+
+def in_out_matrix(layer: nn.Module) -> "tuple[torch.Tensor, torch.Tensor | None]":
+    """The (in, out) weight matrix and the bias of a linear map over channels: nn.Linear, a 1x1 nn.Conv2d, or the
+    GemmConv2d / Triton swap of one (their weights are (in, out) already)."""
+    weight = layer.weight
+    if isinstance(layer, nn.Linear):
+        weight = weight.t()
+    elif isinstance(layer, nn.Conv2d):
+        if layer.kernel_size != (1, 1) or layer.stride != (1, 1) or layer.groups != 1:
+            raise ValueError(f"in_out_matrix: {layer} is not a 1x1 convolution")
+        weight = weight.reshape(weight.shape[0], -1).t()
+    elif weight.dim() != 2:
+        raise ValueError(f"in_out_matrix: cannot read a (in, out) matrix from {type(layer).__name__}")
+    return weight, layer.bias
 
 
 def _transformers_of(net) -> list:

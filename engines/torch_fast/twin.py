@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_conv
+from engines.torch_fast import residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -191,7 +191,14 @@ class _TwinTransformer(nn.Module):
             q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
             h = block.out2(per_group(_merge_heads(a))) + h
-            h = block.ff2(geglu(block.norm3(h), block.ff1.weight, block.ff1.bias)) + h
+            g = geglu(block.norm3(h), block.ff1.weight, block.ff1.bias)
+            if residual_gemm.FEED_FORWARD:
+                h = residual_gemm.linear_plus_residual(g, block.ff2.weight, block.ff2.bias, h)
+            else:
+                h = block.ff2(g) + h
+        if residual_gemm.PROJ_OUT:
+            out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.proj_out.bias, _to_rows(x))
+            return _from_rows(out, n, height, width)
         return _from_rows(self.proj_out(h), n, height, width) + x
 
 
