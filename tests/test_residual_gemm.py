@@ -83,3 +83,21 @@ def test_in_out_matrix_reads_every_linear_form():
         torch.testing.assert_close(x @ weight + bias, want)
     with pytest.raises(ValueError, match="not a 1x1"):
         in_out_matrix(torch.nn.Conv2d(6, 4, 3))
+
+
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_group_norm_rows_is_the_group_norm_as_rows(stacks):
+    from engines.torch_fast.parts import group_norm_rows, stacked_group_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64, 6, 5) * 3 + 1).to(memory_format=torch.channels_last)
+    weight, bias, extra = torch.randn(stacks, 64), torch.randn(stacks, 64), torch.randn(stacks, 64)
+    if stacks == 1:
+        weight, bias, extra = weight[0], bias[0], extra[0]
+    rows, residual = group_norm_rows(x, 32, 1e-5, weight, bias, extra)
+    want = stacked_group_norm(x, 32, 1e-5, weight, bias)
+    torch.testing.assert_close(rows, want.permute(0, 2, 3, 1).reshape(stacks, -1, 64))
+    want_residual = x.permute(0, 2, 3, 1).reshape(stacks, -1, 30, 64) + extra.reshape(stacks, 1, 1, 64)
+    torch.testing.assert_close(residual, want_residual.reshape(stacks, -1, 64))
+    assert residual.is_contiguous()
+    assert group_norm_rows(x, 32, 1e-5, weight, bias)[1] is None

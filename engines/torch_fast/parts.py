@@ -25,6 +25,7 @@ from torch import nn
 from engines.torch_fast import residual_gemm
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
+from profiles.config import env_flag
 from scheduler.ddim import cfg_mix, ddim_update
 
 
@@ -64,6 +65,40 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, b // stacks, height * width, c)
     y = y * weight.reshape(stacks, 1, 1, c).float() + bias.reshape(stacks, 1, 1, c).float()
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
+
+
+# The twin encoder's transformers' input norm computed as `group_norm_rows` (A/B measurements; 0: group_norm, then
+# a reshape into rows).
+TRANSFORMER_NORM_ROWS = env_flag("CNRT_TRANSFORMER_NORM_ROWS", True)
+
+
+def group_norm_rows(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor, bias: torch.Tensor,
+                    residual_bias: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
+    """stacked_group_norm(x) (weight, bias: (C,) or stacked (A, C)) returned as the rows a matmul takes,
+    (A, B/A*H*W, C), plus, with residual_bias ((C,) or (A, C)), x + residual_bias in the same rows.
+
+    Why: a transformer's norm feeds proj_in, a matmul over rows. In the twin encoder, normalised as a (G*B, C, H, W)
+    map and then viewed as (G, B*H*W, C) rows for the batched matmul, the compiled step ran the norm's apply as two
+    or three kernels on the GPU: an fp32 normalise, the stacked affine, and a copy Inductor could not prove was a
+    view (bench/NOTES.md, session 9). Here the chain is pointwise over one (A, B/A, H*W, groups, C/groups) view of
+    x, and x + residual_bias (the start of proj_out's accumulating GEMM, `residual_gemm`) is computed over the
+    same view: twin encoder 1.640 -> 1.596 ms a step on an H200. (The decoder's `_transformer` keeps
+    `group_norm` + proj_in: there Inductor already fused the apply and x + bias into one kernel, and this form
+    split them in two.) Same arithmetic as stacked_group_norm: (x - mean) * rstd * weight + bias in fp32,
+    rounded once."""
+    b, c, height, width = x.shape
+    stacks = weight.numel() // c
+    shape = (stacks, b // stacks, height * width, num_groups, c // num_groups)
+    per_channel = (stacks, 1, 1, num_groups, c // num_groups)
+    view = x.permute(0, 2, 3, 1).reshape(shape)
+    rows = view.float()
+    var, mean = torch.var_mean(rows, dim=(2, 4), correction=0, keepdim=True)
+    y = (rows - mean) * torch.rsqrt(var + eps)
+    y = y * weight.reshape(per_channel).float() + bias.reshape(per_channel).float()
+    y = y.to(x.dtype).reshape(stacks, -1, c)
+    if residual_bias is None:
+        return y, None
+    return y, (view + residual_bias.reshape(per_channel)).reshape(stacks, -1, c)
 
 
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:

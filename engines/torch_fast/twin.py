@@ -22,8 +22,8 @@ from torch import nn
 from engines.torch_fast import residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
-from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, stacked_group_norm)
+from engines.torch_fast.parts import (TRANSFORMER_NORM_ROWS, _heads, _kv_counts, _merge_heads, _resnets_of, _split,
+                                      _transformers_of, _transformers_of_up, group_norm_rows, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -63,6 +63,11 @@ class _TwinNorm(nn.Module):
         self.eps = pair[0].eps
         self.weight = stack(pair, lambda m: m.weight)
         self.bias = stack(pair, lambda m: m.bias)
+
+    def rows(self, x: torch.Tensor, residual_bias: "torch.Tensor | None" = None):
+        """A group norm of x (G*B, C, H, W) as (G, B*H*W, C) rows, with x + residual_bias (G, C) alongside
+        (`parts.group_norm_rows`)."""
+        return group_norm_rows(x, self.groups, self.eps, self.weight, self.bias, residual_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """group: x (G*B, C, H, W); layer: x (G, rows, C)."""
@@ -176,7 +181,12 @@ class _TwinTransformer(nn.Module):
         """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first."""
         n, _, height, width = x.shape
         tokens = height * width
-        h = self.proj_in(_to_rows(self.norm(x)))  # (G, B*T, inner)
+        residual = None  # x + proj_out's bias, as rows (when the norm's kernel makes it)
+        if TRANSFORMER_NORM_ROWS:
+            normed, residual = self.norm.rows(x, self.proj_out.bias if residual_gemm.PROJ_OUT else None)
+        else:
+            normed = _to_rows(self.norm(x))
+        h = self.proj_in(normed)  # (G, B*T, inner)
 
         def per_image(t):  # (G, B*T, X) -> (G*B, T, X)
             return t.reshape(n, tokens, t.shape[-1])
@@ -197,7 +207,10 @@ class _TwinTransformer(nn.Module):
             else:
                 h = block.ff2(g) + h
         if residual_gemm.PROJ_OUT:
-            out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.proj_out.bias, _to_rows(x))
+            if residual is None:
+                out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.proj_out.bias, _to_rows(x))
+            else:
+                out = residual_gemm.accumulate_mm(residual, h, self.proj_out.weight)
             return _from_rows(out, n, height, width)
         return _from_rows(self.proj_out(h), n, height, width) + x
 
