@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from engines.torch_fast import twin as twin_module
 from engines.torch_fast.compile import CompileMode, PartCompiler
 from engines.torch_fast.runner import ConvKernels, FastStepRunner, StepLayout, _prepare_step_layers
 from engines.torch_fast.twin import TwinEncoder, can_pair
@@ -52,7 +53,8 @@ def test_unpairable_networks_are_refused(tiny_bundle):
 
 
 def test_first_resnet_pair_runs_once_for_both_cfg_rows(tiny_bundle, tmp_path):
-    """The first ResNet pair sees one copy of the CFG batch per network (2B rows, not 4B); later layers all 4B."""
+    """The first ResNet pair sees one copy of the CFG batch per network (2B rows, not 4B), and so does the first
+    transformer pair when it comes next (it doubles its rows at the cross-attention); later layers all 4B."""
     profile = get_profile("256x384-fp32")
     compiler = PartCompiler(CompileMode.EAGER, tmp_path, {})
     bundle = copy.deepcopy(tiny_bundle)
@@ -68,7 +70,9 @@ def test_first_resnet_pair_runs_once_for_both_cfg_rows(tiny_bundle, tmp_path):
                    torch.ones(2, 13))
     with torch.no_grad():
         runner.step(torch.randn(b, c, h, w), 0)
-    assert seen[0] == 2 * b and set(seen[1:]) == {4 * b}, seen
+    shared = 2 if twin_module.SHARE_SELF_ATTENTION and twin.plan[1] == "transformer" else 1
+    assert twin.plan[1] == "transformer"  # the tiny model is SD-shaped: the sharing is exercised
+    assert seen[:shared] == [2 * b] * shared and set(seen[shared:]) == {4 * b}, seen
 
 
 def test_twin_with_swapped_convolutions_leaves_its_own_layers_unconverted(tiny_bundle, tmp_path):

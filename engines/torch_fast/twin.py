@@ -27,8 +27,12 @@ from engines.torch_fast.parts import (TRANSFORMER_NORM_ROWS, _heads, _kv_counts,
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
+from profiles.config import env_flag
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
+# The first transformer pair runs on one copy of the CFG batch until its cross-attention (A/B measurements; 0: the
+# batch is doubled before it).
+SHARE_SELF_ATTENTION = env_flag("CNRT_TWIN_SHARED_SELF_ATTENTION", True)
 
 
 def can_pair(unet, controlnet) -> bool:
@@ -120,6 +124,17 @@ class _TwinConv(nn.Module):
                           for h, w, b in zip(x.chunk(GROUPS), self.weight, self.bias)])
 
 
+def _double_images(t: torch.Tensor) -> torch.Tensor:
+    """(G*B, ...) -> (G*2B, ...): each network's images twice, [copy, copy] (TwinEncoder's `double`)."""
+    per_group = t.reshape(GROUPS, -1, *t.shape[1:])
+    return torch.cat([per_group, per_group], dim=1).reshape(-1, *t.shape[1:])
+
+
+def _double_rows(t: torch.Tensor) -> torch.Tensor:
+    """(G, B*T, X) -> (G, 2*B*T, X), the rows of `_double_images`."""
+    return torch.cat([t, t], dim=1)
+
+
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
     """(G*B, C, H, W) channels_last -> (G, B*H*W, C)."""
     n, c, h, w = x.shape
@@ -177,8 +192,12 @@ class _TwinTransformer(nn.Module):
             block.ff2 = _TwinLinear((bu.ff.net[2], bc.ff.net[2]), stack)
             self.blocks.append(block)
 
-    def forward(self, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
-        """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first."""
+    def forward(self, x: torch.Tensor, kv: list[torch.Tensor], double_at_cross: bool = False) -> torch.Tensor:
+        """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first.
+
+        double_at_cross: x holds one copy of the CFG batch (G*B/2 images, cond = uncond), as the shared first
+        ResNet pair leaves it; everything before the first cross-attention runs on that copy, and the rows are
+        doubled ([copy, copy] per network, as TwinEncoder's `double`) where the prompts first differ."""
         n, _, height, width = x.shape
         tokens = height * width
         residual = None  # x + proj_out's bias, as rows (when the norm's kernel makes it)
@@ -189,7 +208,7 @@ class _TwinTransformer(nn.Module):
         h = self.proj_in(normed)  # (G, B*T, inner)
 
         def per_image(t):  # (G, B*T, X) -> (G*B, T, X)
-            return t.reshape(n, tokens, t.shape[-1])
+            return t.reshape(-1, tokens, t.shape[-1])
 
         def per_group(t):
             return t.reshape(GROUPS, -1, t.shape[-1])
@@ -199,6 +218,10 @@ class _TwinTransformer(nn.Module):
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
             h = block.out1(per_group(_merge_heads(a))) + h
             q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
+            if double_at_cross and i == 0:
+                q, h, x = _double_images(q), _double_rows(h), _double_images(x)
+                residual = None if residual is None else _double_rows(residual)
+                n = 2 * n
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
             h = block.out2(per_group(_merge_heads(a))) + h
             g = geglu(block.norm3(h), block.ff1.weight, block.ff1.bias)
@@ -306,8 +329,11 @@ class TwinEncoder(nn.Module):
         layers = iter(self.layers)
         ts = iter(self.slices)
         per_block = iter(_split(kv, self.kv_counts))
+        # With SHARE_SELF_ATTENTION and a transformer next, that transformer doubles the batch itself, at its
+        # cross-attention: its norm, proj_in and self-attention run on one copy too.
+        shared_transformer = SHARE_SELF_ATTENTION and self.plan[1] == "transformer"
         for i, tag in enumerate(self.plan):
-            if i == 1:
+            if i == 1 and not shared_transformer:
                 h = double(h)
             if tag == "state":
                 states.append(h)
@@ -315,7 +341,7 @@ class TwinEncoder(nn.Module):
                 s = next(ts)
                 h = next(layers)(h, temb[:, s[0]:s[1]])
             elif tag == "transformer":
-                h = next(layers)(h, next(per_block))
+                h = next(layers)(h, next(per_block), double_at_cross=i == 1 and shared_transformer)
             else:
                 h = next(layers)(h)
         b2 = 2 * b
