@@ -426,3 +426,16 @@ def test_split_k_reduced_in_the_kernel_on_sd15_shapes(groups, n, cin, h, w, cout
         assert torch.equal(out, first), cfg
         assert relative_error(out, ref) < 2e-3, cfg
         assert all(int(c.abs().sum()) == 0 for c in triton_conv._counters.values()), cfg
+
+
+def test_split_partials_are_added_slice_by_slice():
+    """sum_partials adds the split-K partials in split order (a pointwise chain under torch.compile), which is
+    the sum over the splits."""
+    from engines.torch_fast import triton_conv
+
+    parts = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(0))
+    got = triton_conv.sum_partials(parts)
+    torch.testing.assert_close(got, parts.double().sum(0).float(), rtol=1e-6, atol=1e-6)
+    if triton_conv.SPLIT_SUM_UNROLLED:
+        assert torch.equal(got, (((parts[0] + parts[1]) + parts[2]) + parts[3]) + parts[4])
+    assert torch.equal(triton_conv.sum_partials(parts[:1]), parts[0])

@@ -267,6 +267,23 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in, off (slower in the loop, bench/NOTES.md).
 SPLIT_FIXUP = env_flag("CNRT_SPLIT_FIXUP", False)
+# The split-K partials are added as an unrolled chain of slices (A/B measurements; 0: one `sum(0)`).
+SPLIT_SUM_UNROLLED = env_flag("CNRT_SPLIT_SUM_UNROLLED", True)
+
+
+def sum_partials(parts: torch.Tensor) -> torch.Tensor:
+    """(S, rows, Cout) fp32 split-K partials -> their sum, (rows, Cout), added in split order.
+
+    Why not parts.sum(0): compiled, a sum over the outer dimension of S <= 16 became Inductor's persistent
+    reduction, whose threads walk the split dimension (M * Cout elements apart), so a standalone one took 6-8 us at
+    16x24 for 12 MB (bench/NOTES.md, session 9). As S slices added one after another it is a pointwise expression:
+    each thread loads its S values from S coalesced rows, and Inductor fuses it into the consumer like any add."""
+    if not SPLIT_SUM_UNROLLED:
+        return parts.sum(0)
+    total = parts[0]
+    for i in range(1, parts.shape[0]):
+        total = total + parts[i]
+    return total
 _COUNTS_PER_REGION = 4096  # arrival counters one convolution may use (its output tiles; the step's need <= 480)
 _REGIONS = 256
 _counters: dict = {}
@@ -348,9 +365,9 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     if final:
         result = out[0]
     elif sum_only:
-        return out.sum(0)
+        return sum_partials(out)
     else:
-        total = out.sum(0)
+        total = sum_partials(out)
         if bias is not None:
             total = (total.reshape(groups, m, cout) + bias.float().reshape(groups, 1, cout)).reshape(groups * m, cout)
         if residual is not None:
