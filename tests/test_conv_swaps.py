@@ -429,13 +429,17 @@ def test_split_k_reduced_in_the_kernel_on_sd15_shapes(groups, n, cin, h, w, cout
 
 
 def test_split_partials_are_added_slice_by_slice():
-    """sum_partials adds the split-K partials in split order (a pointwise chain under torch.compile), which is
-    the sum over the splits."""
+    """sum_partials: unrolled, the split-K partials are added in split order (a pointwise chain, what a compiled
+    part runs); either way the result is the sum over the splits."""
     from engines.torch_fast import triton_conv
 
     parts = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(0))
-    got = triton_conv.sum_partials(parts)
-    torch.testing.assert_close(got, parts.double().sum(0).float(), rtol=1e-6, atol=1e-6)
-    if triton_conv.SPLIT_SUM_UNROLLED:
-        assert torch.equal(got, (((parts[0] + parts[1]) + parts[2]) + parts[3]) + parts[4])
-    assert torch.equal(triton_conv.sum_partials(parts[:1]), parts[0])
+    want = parts.double().sum(0).float()
+    for unrolled in (True, False):
+        torch.testing.assert_close(triton_conv.sum_partials(parts, unrolled), want, rtol=1e-6, atol=1e-6)
+    in_order = (((parts[0] + parts[1]) + parts[2]) + parts[3]) + parts[4]
+    assert torch.equal(triton_conv.sum_partials(parts, True), in_order)
+    assert torch.equal(triton_conv.sum_partials(parts), parts.sum(0))  # eager: one reduction
+    compiled = torch.compile(triton_conv.sum_partials)
+    torch._dynamo.reset()
+    assert torch.allclose(compiled(parts), want, rtol=1e-6, atol=1e-6)

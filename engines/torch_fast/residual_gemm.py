@@ -55,9 +55,11 @@ def accumulate_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 def linear_plus_residual(g: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
                      residual: torch.Tensor) -> torch.Tensor:
-    """g @ weight + bias + residual as one GEMM accumulating into (residual + bias). weight is (in, out) (a transposed nn.Linear weight, or the twin's stacked
-    (G, in, out)); bias (out,) or (G, out); residual has the product's shape. With a 2-D weight, g and residual
-    may carry leading batch dimensions: they are flattened into rows."""
+    """g @ weight + bias + residual as one GEMM accumulating into (residual + bias).
+
+    weight is (in, out) (a transposed nn.Linear weight, or the twin's stacked (G, in, out)); bias (out,) or
+    (G, out); residual has the product's shape. With a 2-D weight, g and residual may carry leading batch
+    dimensions: they are flattened into rows."""
     if bias is None:
         c = residual.clone()
     else:

@@ -271,14 +271,18 @@ SPLIT_FIXUP = env_flag("CNRT_SPLIT_FIXUP", False)
 SPLIT_SUM_UNROLLED = env_flag("CNRT_SPLIT_SUM_UNROLLED", True)
 
 
-def sum_partials(parts: torch.Tensor) -> torch.Tensor:
-    """(S, rows, Cout) fp32 split-K partials -> their sum, (rows, Cout), added in split order.
+def sum_partials(parts: torch.Tensor, unrolled: "bool | None" = None) -> torch.Tensor:
+    """(S, rows, Cout) fp32 split-K partials -> their sum, (rows, Cout).
 
-    Why not parts.sum(0): compiled, a sum over the outer dimension of S <= 16 became Inductor's persistent
-    reduction, whose threads walk the split dimension (M * Cout elements apart), so a standalone one took 6-8 us at
-    16x24 for 12 MB (bench/NOTES.md, session 9). As S slices added one after another it is a pointwise expression:
-    each thread loads its S values from S coalesced rows, and Inductor fuses it into the consumer like any add."""
-    if not SPLIT_SUM_UNROLLED:
+    unrolled (default: CNRT_SPLIT_SUM_UNROLLED while torch.compile traces) adds the S slices one after another,
+    in split order. Why: compiled, parts.sum(0) over S <= 16 became Inductor's persistent reduction, whose threads
+    walk the split dimension (M * Cout elements apart): a standalone one took 6-8 us at 16x24 for 12 MB. As a chain
+    of slices it is a pointwise expression that loads S coalesced rows and fuses into its consumer like any add:
+    loop 69.79 -> 68.79 ms on one H200 (bench/NOTES.md, session 9). Run eagerly (the conv tuner's timing, CPU
+    tests) one sum(0) is the cheaper form: S - 1 separate add kernels would overcharge every split."""
+    if unrolled is None:
+        unrolled = SPLIT_SUM_UNROLLED and torch.compiler.is_compiling()
+    if not unrolled:
         return parts.sum(0)
     total = parts[0]
     for i in range(1, parts.shape[0]):
