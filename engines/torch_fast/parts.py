@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch_fast import residual_gemm
+from engines.torch_fast.subpixel import upsample_conv
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from profiles.config import env_flag
@@ -379,7 +380,7 @@ class UNetDecoder(nn.Module):
                 if attn is not None:
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:
-                h = up.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = upsample_conv(up, h)
         eps = net.conv_out(F.silu(group_norm(h, net.conv_norm_out))).float()
         e_cond, e_uncond = eps.chunk(2)
         return ddim_update(x, cfg_mix(e_cond, e_uncond, guidance_scale.reshape(1, 1, 1, 1)), coeffs)
