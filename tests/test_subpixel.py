@@ -38,18 +38,29 @@ class _Upsample(nn.Module):  # the attributes of a diffusers Upsample2D that ups
         self.use_conv_transpose = False
 
 
-def test_upsample_conv_keeps_one_subpixel_convolution_per_upsampler():
+def test_attached_upsampler_runs_its_subpixel_convolution():
     torch.manual_seed(1)
     up = _Upsample(nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(1, 4, 5, 7)
     want = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    got = subpixel.upsample_conv(up, x)
+    torch.testing.assert_close(subpixel.upsample_conv(up, x), want)  # not attached: the plain path
+    assert subpixel.attach(up) == subpixel.ENABLED
     if subpixel.ENABLED:
-        assert isinstance(up.subpixel_conv, nn.Conv2d) and up.subpixel_conv.kernel_size == (2, 2)
         first = up.subpixel_conv
-        subpixel.upsample_conv(up, x)
+        assert first.kernel_size == (2, 2) and first.out_channels == 16
+        subpixel.attach(up)
         assert up.subpixel_conv is first
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subpixel.upsample_conv(up, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_attaches_before_any_step(tiny_bundle):
+    """UNetDecoder gives every upsampler its 2x2 convolution when built, so the step's convolution swaps (which
+    record input sizes from a warm-up step) can see it."""
+    from engines.torch_fast.parts import UNetDecoder
+
+    UNetDecoder(tiny_bundle.unet)
+    ups = [up for block in tiny_bundle.unet.up_blocks for up in (block.upsamplers or [])]
+    assert ups and all(hasattr(up, "subpixel_conv") == subpixel.ENABLED for up in ups)
 
 
 def test_other_upsamplers_are_left_alone():

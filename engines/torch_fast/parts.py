@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch_fast import residual_gemm
-from engines.torch_fast.subpixel import upsample_conv
+from engines.torch_fast import subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from profiles.config import env_flag
@@ -358,6 +358,9 @@ class UNetDecoder(nn.Module):
         self.resnets = _resnets_of(list(unet.up_blocks))
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
+        for block in unet.up_blocks:
+            for up in block.upsamplers or []:
+                subpixel.attach(up)
 
     def forward(self, x, mid, skips: list[torch.Tensor], controls: list[torch.Tensor], control_scales, temb,
                 kv: list[torch.Tensor], coeffs, guidance_scale):
@@ -380,7 +383,7 @@ class UNetDecoder(nn.Module):
                 if attn is not None:
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:
-                h = upsample_conv(up, h)
+                h = subpixel.upsample_conv(up, h)
         eps = net.conv_out(F.silu(group_norm(h, net.conv_norm_out))).float()
         e_cond, e_uncond = eps.chunk(2)
         return ddim_update(x, cfg_mix(e_cond, e_uncond, guidance_scale.reshape(1, 1, 1, 1)), coeffs)

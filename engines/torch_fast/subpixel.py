@@ -66,14 +66,18 @@ def depth_to_space(y: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
-def upsample_conv(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What `parts.UNetDecoder` computes for an Upsample2D: up.conv(F.interpolate(x, 2x, nearest)).
-
-    With ENABLED (and a 3x3 'same' conv), as the 2x2 convolution + depth_to_space. The 2x2 convolution is made once
-    per upsampler and kept on it as the submodule `subpixel_conv`, so the step's convolution swaps (input-size
-    recording, tuning, the Triton kernel) see and replace it like any other convolution."""
-    if not (ENABLED and can_convert(up)):
-        return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    if not hasattr(up, "subpixel_conv"):
+def attach(up: nn.Module) -> bool:
+    """With ENABLED, give a convertible upsampler its 2x2 convolution, once, as the submodule `subpixel_conv`
+    (-> whether it has one). It must exist before the step's convolutions are swapped (input-size recording,
+    tuning, the Triton kernel): those walk the model's modules, and then treat it like any other convolution."""
+    if ENABLED and can_convert(up) and not hasattr(up, "subpixel_conv"):
         up.subpixel_conv = subpixel_convolution(up.conv)
-    return depth_to_space(up.subpixel_conv(x))
+    return ENABLED and hasattr(up, "subpixel_conv")
+
+
+def upsample_conv(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `parts.UNetDecoder` computes for an Upsample2D: up.conv(F.interpolate(x, 2x, nearest)); as the 2x2
+    convolution + depth_to_space when `attach` gave it one."""
+    if ENABLED and hasattr(up, "subpixel_conv"):
+        return depth_to_space(up.subpixel_conv(x))
+    return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
