@@ -38,29 +38,33 @@ class _Upsample(nn.Module):  # the attributes of a diffusers Upsample2D that ups
         self.use_conv_transpose = False
 
 
-def test_attached_upsampler_runs_its_subpixel_convolution():
+def test_upsample_conv_with_and_without_its_subpixel_convolution():
     torch.manual_seed(1)
     up = _Upsample(nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(1, 4, 5, 7)
     want = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    torch.testing.assert_close(subpixel.upsample_conv(up, x), want)  # not attached: the plain path
-    assert subpixel.attach(up) == subpixel.ENABLED
-    if subpixel.ENABLED:
-        first = up.subpixel_conv
-        assert first.kernel_size == (2, 2) and first.out_channels == 16
-        subpixel.attach(up)
-        assert up.subpixel_conv is first
-    torch.testing.assert_close(subpixel.upsample_conv(up, x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subpixel.upsample_conv(up, x), want)
+    conv = subpixel.subpixel_convolution(up.conv)
+    assert conv.kernel_size == (2, 2) and conv.out_channels == 16
+    torch.testing.assert_close(subpixel.upsample_conv(up, x, conv), want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_decoder_attaches_before_any_step(tiny_bundle):
-    """UNetDecoder gives every upsampler its 2x2 convolution when built, so the step's convolution swaps (which
-    record input sizes from a warm-up step) can see it."""
+def test_subpixel_convolutions_live_beside_the_unet(tiny_bundle):
+    """One set per (unet, latent size), made before any step so the convolution swaps can see them; by map size
+    when the latent size is known; the unet's own modules and state dict are left as they are."""
     from engines.torch_fast.parts import UNetDecoder
 
-    UNetDecoder(tiny_bundle.unet)
-    ups = [up for block in tiny_bundle.unet.up_blocks for up in (block.upsamplers or [])]
-    assert ups and all(hasattr(up, "subpixel_conv") == subpixel.ENABLED for up in ups)
+    unet = tiny_bundle.unet
+    keys = set(unet.state_dict())
+    ups = subpixel.upsamplers(unet)
+    downs = sum(1 for block in unet.down_blocks if block.downsamplers)
+    assert len(ups) == downs == 3  # SD-shaped: input maps 4x6, 8x12, 16x24 for a 32x48 latent
+    decoder = UNetDecoder(unet, latent_size=(32, 48))
+    held = subpixel.convolutions(unet, (32, 48))
+    assert decoder.subpixel is held and UNetDecoder(unet, latent_size=(32, 48)).subpixel is held
+    assert sorted(held.keys()) == (["1", "2"] if subpixel.ENABLED else [])
+    assert sorted(subpixel.convolutions(unet).keys()) == (["0", "1", "2"] if subpixel.ENABLED else [])
+    assert set(unet.state_dict()) == keys
 
 
 def test_other_upsamplers_are_left_alone():

@@ -16,6 +16,7 @@ The parts walk diffusers' modules (their weights, their configs), so any SD1.5-s
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -346,9 +347,11 @@ class UNetDecoder(nn.Module):
     then CFG and the DDIM update -> x_prev (B,4,h,w) fp32.
 
     fused: resnet index (in up-path order) -> a module computing that block as fused_resnet.FusedResnet does
-    (called with conv1.bias + time embedding); the others run as diffusers' blocks."""
+    (called with conv1.bias + time embedding); the others run as diffusers' blocks. Upsamplers run as 2x2
+    convolutions where `subpixel.convolutions(unet, latent_size)` has one (latent_size (h, w) picks by map size)."""
 
-    def __init__(self, unet, fused: "dict[int, nn.Module] | None" = None):
+    def __init__(self, unet, fused: "dict[int, nn.Module] | None" = None,
+                 latent_size: "tuple[int, int] | None" = None):
         super().__init__()
         self.net = unet
         self.fused = nn.ModuleDict({str(i): m for i, m in (fused or {}).items()})
@@ -358,9 +361,7 @@ class UNetDecoder(nn.Module):
         self.resnets = _resnets_of(list(unet.up_blocks))
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
-        for block in unet.up_blocks:
-            for up in block.upsamplers or []:
-                subpixel.attach(up)
+        self.subpixel = subpixel.convolutions(unet, latent_size)
 
     def forward(self, x, mid, skips: list[torch.Tensor], controls: list[torch.Tensor], control_scales, temb,
                 kv: list[torch.Tensor], coeffs, guidance_scale):
@@ -371,6 +372,7 @@ class UNetDecoder(nn.Module):
         kvs = iter(_split(kv, self.kv_counts))
         tis = iter(range(len(self.kv_counts)))
         ts = iter(enumerate(self.slices))
+        ups = itertools.count()  # upsampler positions, the keys of self.subpixel
         for block in net.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for resnet, attn in zip(block.resnets, attns):
@@ -383,7 +385,8 @@ class UNetDecoder(nn.Module):
                 if attn is not None:
                     h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
             for up in block.upsamplers or []:
-                h = subpixel.upsample_conv(up, h)
+                key = str(next(ups))
+                h = subpixel.upsample_conv(up, h, self.subpixel[key] if key in self.subpixel else None)
         eps = net.conv_out(F.silu(group_norm(h, net.conv_norm_out))).float()
         e_cond, e_uncond = eps.chunk(2)
         return ddim_update(x, cfg_mix(e_cond, e_uncond, guidance_scale.reshape(1, 1, 1, 1)), coeffs)

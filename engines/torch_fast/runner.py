@@ -24,7 +24,7 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
-from engines.torch_fast import conv_tuning, triton_conv
+from engines.torch_fast import conv_tuning, subpixel, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
@@ -61,7 +61,7 @@ class FastStepRunner:
         self.dtype = next(bundle.unet.parameters()).dtype
         self.cn = ControlBranch(bundle.controlnet, runnable=twin is None)  # with a twin: tables and K/V only
         self.enc = UNetEncoder(bundle.unet, runnable=twin is None)
-        self.dec = UNetDecoder(bundle.unet, fused_decoder)
+        self.dec = UNetDecoder(bundle.unet, fused_decoder, latent_size=tuple(profile.latent_shape[-2:]))
         tables = make_ddim_tables(profile.ddim_steps).to(device)
         self.coeffs = tables.coeffs
         self.cn_temb, self.cn.slices = time_table(bundle.controlnet, self.cn.resnets, tables.timesteps)
@@ -232,7 +232,8 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     table says so), build the TwinEncoder if asked, and (fuse) run ResNet blocks whose convolutions are both on
     Triton as FusedResnets. Input sizes come from one eager step of the plain parts."""
     eager = FastStepRunner(bundle, profile, device, PartCompiler(CompileMode.EAGER, compiler.artifact_dir, {}))
-    sizes = record_input_sizes([bundle.unet, bundle.controlnet], eager.warm_up)
+    roots = [bundle.unet, bundle.controlnet, subpixel.convolutions(bundle.unet, tuple(profile.latent_shape[-2:]))]
+    sizes = record_input_sizes(roots, eager.warm_up)
     del eager
     twin = layout is StepLayout.TWIN and can_pair(bundle.unet, bundle.controlnet)
     if layout is StepLayout.TWIN and not twin:
@@ -292,7 +293,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         return swapped
 
     if kernels is not ConvKernels.CUDNN:
-        n = convert_convolutions([bundle.unet, bundle.controlnet], sizes, replacement)
+        n = convert_convolutions(roots, sizes, replacement)
         _log(f"{n} convolutions swapped ({kernels.value})")
     return layers
 

@@ -15,6 +15,8 @@ same terms as before, accumulated in another order.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,18 +68,46 @@ def depth_to_space(y: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
-def attach(up: nn.Module) -> bool:
-    """With ENABLED, give a convertible upsampler its 2x2 convolution, once, as the submodule `subpixel_conv`
-    (-> whether it has one). It must exist before the step's convolutions are swapped (input-size recording,
-    tuning, the Triton kernel): those walk the model's modules, and then treat it like any other convolution."""
-    if ENABLED and can_convert(up) and not hasattr(up, "subpixel_conv"):
-        up.subpixel_conv = subpixel_convolution(up.conv)
-    return ENABLED and hasattr(up, "subpixel_conv")
+# Input maps smaller than this keep interpolate + 3x3. There the convolution streams its weights (few pixels, big
+# channels), and the 2x2 form's weights are 16/9 as many bytes: tuned on an H200, 1280 channels at 4x6 took 25.1 us
+# as 2x2 against 21.7 as 3x3, while at 8x12 it took 41.4 against 46.1 and 640 channels at 16x24 32.0 against 46.3.
+MIN_INPUT_PIXELS = 96
 
 
-def upsample_conv(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What `parts.UNetDecoder` computes for an Upsample2D: up.conv(F.interpolate(x, 2x, nearest)); as the 2x2
-    convolution + depth_to_space when `attach` gave it one."""
-    if ENABLED and hasattr(up, "subpixel_conv"):
-        return depth_to_space(up.subpixel_conv(x))
+_HELD: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def upsamplers(unet: nn.Module) -> list[nn.Module]:
+    """The up path's Upsample2D modules in execution order."""
+    return [up for block in unet.up_blocks for up in (block.upsamplers or [])]
+
+
+def convolutions(unet: nn.Module, latent_size: "tuple[int, int] | None" = None) -> nn.ModuleDict:
+    """The 2x2 convolutions of the unet's convertible upsamplers, by position in `upsamplers(unet)` ('0', '1', ...):
+    with ENABLED, those whose input map has >= MIN_INPUT_PIXELS (latent_size (h, w) gives the sizes; None: all).
+
+    Made once per (unet, latent_size) and kept beside the unet, not inside it, so the model's modules and state
+    dict stay as loaded. Every decoder built for that unet shares them, and the step's convolution swaps
+    (input-size recording, tuning, the Triton kernel) take this dict as one more root, like the networks."""
+    per_size = _HELD.setdefault(unet, {})
+    if latent_size not in per_size:
+        held = nn.ModuleDict()
+        size = None
+        if latent_size is not None:  # the up path starts at the deepest level
+            downs = sum(1 for block in unet.down_blocks if block.downsamplers)
+            size = (latent_size[0] >> downs, latent_size[1] >> downs)
+        for i, up in enumerate(upsamplers(unet)):
+            big_enough = size is None or size[0] * size[1] >= MIN_INPUT_PIXELS
+            if ENABLED and big_enough and can_convert(up):
+                held[str(i)] = subpixel_convolution(up.conv)
+            size = None if size is None else (2 * size[0], 2 * size[1])
+        per_size[latent_size] = held
+    return per_size[latent_size]
+
+
+def upsample_conv(up: nn.Module, x: torch.Tensor, conv: "nn.Module | None" = None) -> torch.Tensor:
+    """What `parts.UNetDecoder` computes for an Upsample2D: up.conv(F.interpolate(x, 2x, nearest)); as
+    depth_to_space(conv(x)) when given its 2x2 convolution (from `convolutions`)."""
+    if conv is not None:
+        return depth_to_space(conv(x))
     return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
