@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import residual_gemm
-from engines.torch_fast import subpixel
+from engines.torch_fast import residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from profiles.config import env_flag
