@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
+from bench import inductor_code
 from bench.timing import time_cuda, time_wall
 from engines.torch_fast.conv_tuning import graph_time_us
 from pipeline.runtime import Canny2ImageRuntime, RuntimeConfig
@@ -96,7 +100,12 @@ def main(argv=None) -> int:
     p.add_argument("--kernels-out", default=None, help="write every kernel's total time and launches to this file")
     p.add_argument("--sequence-out", default=None,
                    help="write the profiled loop's kernels in launch order (start, duration, gap before, name)")
+    p.add_argument("--inductor-code", default=None,
+                   help="compile into a fresh Inductor cache directory and write a summary of the generated code "
+                        "(bench/inductor_code.py: every launch in order, copies marked) to this file")
     a = p.parse_args(argv)
+    if a.inductor_code:  # read lazily by Inductor: set before anything compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnrt-inductor-")
     import numpy as np
 
     rt = Canny2ImageRuntime(RuntimeConfig(weights=a.weights, backend="torch", compile_mode=a.compile_mode))
@@ -191,6 +200,8 @@ def main(argv=None) -> int:
             fused_n[words] += launches[name]
     for words, us in fused.most_common(15):
         print(f"  {us / 1e3:7.2f} ms  {fused_n[words]:5d} launches  {words[:100]}")
+    if a.inductor_code:
+        Path(a.inductor_code).write_text(inductor_code.summarise(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])))
     return 0
 
 
