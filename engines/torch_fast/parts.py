@@ -28,7 +28,6 @@ from torch import nn
 from engines.torch_fast import residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
-from profiles.config import env_flag
 from scheduler.ddim import cfg_mix, ddim_update
 
 
@@ -68,11 +67,6 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, b // stacks, height * width, c)
     y = y * weight.reshape(stacks, 1, 1, c).float() + bias.reshape(stacks, 1, 1, c).float()
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
-
-
-# The twin encoder's transformers' input norm computed as `group_norm_rows` (A/B measurements; 0: group_norm, then
-# a reshape into rows).
-TRANSFORMER_NORM_ROWS = env_flag("CNRT_TRANSFORMER_NORM_ROWS", True)
 
 
 def group_norm_rows(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor, bias: torch.Tensor,

@@ -22,8 +22,8 @@ from torch import nn
 from engines.torch_fast import residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
-from engines.torch_fast.parts import (TRANSFORMER_NORM_ROWS, _heads, _kv_counts, _merge_heads, _resnets_of, _split,
-                                      _transformers_of, _transformers_of_up, group_norm_rows, stacked_group_norm)
+from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
+                                      _transformers_of_up, group_norm_rows, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -33,6 +33,9 @@ GROUPS = 2  # 0: UNet encoder, 1: ControlNet
 # The first transformer pair runs on one copy of the CFG batch until its cross-attention (A/B measurements; 0: the
 # batch is doubled before it).
 SHARE_SELF_ATTENTION = env_flag("CNRT_TWIN_SHARED_SELF_ATTENTION", True)
+# The transformers' input norm computed as `parts.group_norm_rows` (A/B measurements; 0: the group norm as a map,
+# then a reshape into rows).
+TRANSFORMER_NORM_ROWS = env_flag("CNRT_TRANSFORMER_NORM_ROWS", True)
 
 
 def can_pair(unet, controlnet) -> bool:
