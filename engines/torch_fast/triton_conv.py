@@ -267,6 +267,26 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in, off (slower in the loop, bench/NOTES.md).
 SPLIT_FIXUP = env_flag("CNRT_SPLIT_FIXUP", False)
+_COUNTS_PER_REGION = 4096  # arrival counters one convolution may use (its output tiles; the step's need <= 480)
+_REGIONS = 256
+_counters: dict = {}
+_regions: dict = {}
+
+
+def _tile_counters(device: torch.device, weight: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Zeroed arrival counters for one convolution's tiles: a region of a per-device buffer, one region per weight
+    tensor (so two convolutions on two streams never share counters, for the first _REGIONS weights seen; the step
+    has fewer than 60 split convolutions). The kernel leaves them at zero. The buffer is
+    made on a device's first call, which the runner makes in warm-up, before any CUDA-graph capture."""
+    if tiles > _COUNTS_PER_REGION:
+        raise ValueError(f"{tiles} output tiles exceed the {_COUNTS_PER_REGION} counters a convolution may use")
+    key = (device.type, device.index)
+    if key not in _counters:
+        _counters[key] = torch.zeros(_REGIONS, _COUNTS_PER_REGION, dtype=torch.int32, device=device)
+    region = _regions.setdefault((key, weight.data_ptr()), len(_regions) % _REGIONS)
+    return _counters[key][region]
+
+
 # The split-K partials are added as an unrolled chain of slices (A/B measurements; 0: one `sum(0)`).
 SPLIT_SUM_UNROLLED = env_flag("CNRT_SPLIT_SUM_UNROLLED", True)
 
@@ -288,24 +308,6 @@ def sum_partials(parts: torch.Tensor, unrolled: "bool | None" = None) -> torch.T
     for i in range(1, parts.shape[0]):
         total = total + parts[i]
     return total
-_COUNTS_PER_REGION = 4096  # arrival counters one convolution may use (its output tiles; the step's need <= 480)
-_REGIONS = 256
-_counters: dict = {}
-_regions: dict = {}
-
-
-def _tile_counters(device: torch.device, weight: torch.Tensor, tiles: int) -> torch.Tensor:
-    """Zeroed arrival counters for one convolution's tiles: a region of a per-device buffer, one region per weight
-    tensor (so two convolutions on two streams never share counters, for the first _REGIONS weights seen; the step
-    has fewer than 60 split convolutions). The kernel leaves them at zero. The buffer is
-    made on a device's first call, which the runner makes in warm-up, before any CUDA-graph capture."""
-    if tiles > _COUNTS_PER_REGION:
-        raise ValueError(f"{tiles} output tiles exceed the {_COUNTS_PER_REGION} counters a convolution may use")
-    key = (device.type, device.index)
-    if key not in _counters:
-        _counters[key] = torch.zeros(_REGIONS, _COUNTS_PER_REGION, dtype=torch.int32, device=device)
-    region = _regions.setdefault((key, weight.data_ptr()), len(_regions) % _REGIONS)
-    return _counters[key][region]
 
 
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
