@@ -24,7 +24,7 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
-from engines.torch_fast import conv_tuning, subpixel, triton_conv
+from engines.torch_fast import conv_tuning, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
@@ -232,7 +232,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     table says so), build the TwinEncoder if asked, and (fuse) run ResNet blocks whose convolutions are both on
     Triton as FusedResnets. Input sizes come from one eager step of the plain parts."""
     eager = FastStepRunner(bundle, profile, device, PartCompiler(CompileMode.EAGER, compiler.artifact_dir, {}))
-    roots = [bundle.unet, bundle.controlnet, subpixel.convolutions(bundle.unet, tuple(profile.latent_shape[-2:]))]
+    roots = [bundle.unet, bundle.controlnet, eager.dec.subpixel]  # the decoder's 2x2 upsampler convolutions too
     sizes = record_input_sizes(roots, eager.warm_up)
     del eager
     twin = layout is StepLayout.TWIN and can_pair(bundle.unet, bundle.controlnet)
