@@ -23,7 +23,8 @@ from engines.torch_fast import residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, group_norm_rows, stacked_group_norm)
+                                      _transformers_of_up, group_norm_rows, in_out_matrix,
+                                      stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -89,12 +90,7 @@ class _TwinLinear(nn.Module):
 
     def __init__(self, pair, stack: _Stack):
         super().__init__()
-
-        def as_matrix(m):  # -> (in, out)
-            w = m.weight
-            return w.reshape(w.shape[0], -1).t()
-
-        self.weight = stack(pair, as_matrix)
+        self.weight = stack(pair, lambda m: in_out_matrix(m)[0])  # (in, out)
         self.bias = None if pair[0].bias is None else stack(pair, lambda m: m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
