@@ -1,4 +1,5 @@
-"""engines/torch_fast/residual_gemm.py: c += a @ b in place, and the feed-forward output built on it."""
+"""engines/torch_fast/residual_gemm.py (c += a @ b in place, and linear + residual built on it) and the parts
+helpers that feed it: `in_out_matrix` and `group_norm_rows` (whose second output is the accumulated-into residual)."""
 
 import pytest
 import torch

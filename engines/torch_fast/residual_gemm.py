@@ -54,7 +54,7 @@ def accumulate_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 
 def linear_plus_residual(g: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-                     residual: torch.Tensor) -> torch.Tensor:
+                         residual: torch.Tensor) -> torch.Tensor:
     """g @ weight + bias + residual as one GEMM accumulating into (residual + bias).
 
     weight is (in, out) (a transposed nn.Linear weight, or the twin's stacked (G, in, out)); bias (out,) or
