@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import residual_gemm, triton_conv
+from engines.torch_fast import residual_gemm, triton_conv, zero_convs
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -28,6 +28,7 @@ from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
+from engines.torch_fast.zero_convs import ZeroConvs
 from profiles.config import env_flag
 
 GROUPS = 2  # 0: UNet encoder, 1: ControlNet
@@ -302,6 +303,8 @@ class TwinEncoder(nn.Module):
                                  .contiguous(memory_format=torch.channels_last), persistent=False)
             self.register_buffer("conv_in_bias", torch.cat([cu.bias, cc.bias]).detach(), persistent=False)
         self.resnets = _resnets_of(list(unet.down_blocks) + [unet.mid_block])  # for the time tables
+        zero = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+        self.zero_convs = ZeroConvs(zero) if zero_convs.ENABLED and zero_convs.can_group(zero) else None
 
     def _add(self, tag: str, layer: nn.Module) -> None:
         self.layers.append(layer)
@@ -346,6 +349,8 @@ class TwinEncoder(nn.Module):
         b2 = 2 * b
         skips = [s[:b2] for s in states]
         cn_states = [s[b2:] for s in states]
+        if self.zero_convs is not None:  # one grouped GEMM launch
+            return h[:b2], skips, self.zero_convs(cn_states + [h[b2:]])
         net = self.controlnet
         outs = [zc(r) for r, zc in zip(cn_states, net.controlnet_down_blocks)] + [net.controlnet_mid_block(h[b2:])]
         return h[:b2], skips, outs
