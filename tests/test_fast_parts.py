@@ -93,3 +93,11 @@ def test_vae_group_norms_swapped_keep_their_function(tiny_bundle):
     assert count > 0 and not any(type(m) is torch.nn.GroupNorm for m in decoder.modules())
     assert sum(isinstance(m, ChannelsLastGroupNorm) for m in decoder.modules()) == count
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inductor_option_values_from_the_environment():
+    from engines.torch_fast.compile import _option_value
+
+    assert _option_value("1") is True and _option_value("0") is False
+    assert _option_value("100") == 100
+    assert _option_value("max-autotune") == "max-autotune"

@@ -51,7 +51,17 @@ def _inductor_settings() -> None:
     # Experiments: CNRT_INDUCTOR="conv_1x1_as_mm=1,epilogue_fusion=0" sets top-level Inductor options.
     for item in filter(None, os.environ.get("CNRT_INDUCTOR", "").split(",")):
         name, _, value = item.partition("=")
-        setattr(cfg, name.strip(), bool(int(value)) if value.strip() in ("0", "1") else value.strip())
+        setattr(cfg, name.strip(), _option_value(value.strip()))
+
+
+def _option_value(text: str):
+    """An Inductor option's value as written in CNRT_INDUCTOR: 0 / 1 are booleans, other numbers ints, else text."""
+    if text in ("0", "1"):
+        return text == "1"
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def artifact_key(profile_name: str, weights_id: str, device: torch.device) -> dict:
