@@ -48,6 +48,11 @@ def _inductor_settings() -> None:
     # cache is bypassed, so loading the saved kernels took 76 s instead of 12 s.
     cfg.freezing = False
     cfg.triton.cudagraphs = False  # we capture the whole loop ourselves
+    # Let pointwise chains grow longer before Inductor stores an intermediate (defaults 30 ops / 8 reads): the
+    # decoder's cat + control add + group norm, for one, were split around a stored fp32 intermediate. One H100:
+    # loop 71.41 -> 70.86 ms, 14 fewer kernels a step (bench/NOTES.md, session 10).
+    cfg.realize_opcount_threshold = 100
+    cfg.realize_acc_reads_threshold = 32
     # Experiments: CNRT_INDUCTOR="conv_1x1_as_mm=1,epilogue_fusion=0" sets top-level Inductor options.
     for item in filter(None, os.environ.get("CNRT_INDUCTOR", "").split(",")):
         name, _, value = item.partition("=")
