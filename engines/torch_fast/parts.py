@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import residual_gemm, subpixel
+from engines.torch_fast import linear_norm, residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
@@ -138,22 +138,53 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
-    """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split."""
+    """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split.
+
+    Where `linear_norm` holds the width, each projection that writes the residual stream (proj_in, both attention
+    outputs) runs as one kernel with the LayerNorm after it."""
     b, c, height, width = x.shape
     residual = x
-    h = model.proj_in(group_norm(x, model.norm))
-    inner = h.shape[1]
-    h = h.permute(0, 2, 3, 1).reshape(b, height * width, inner)
-    for i, block in enumerate(model.transformer_blocks):
+    blocks = model.transformer_blocks
+    w_in, b_in = in_out_matrix(model.proj_in)
+    fused = all(linear_norm.holds(*in_out_matrix(layer)) for layer in
+                [model.proj_in] + [blk.attn1.to_out[0] for blk in blocks] + [blk.attn2.to_out[0] for blk in blocks])
+    if fused:
+        h, normed = linear_norm.linear_norm(_rows_of(group_norm(x, model.norm)), w_in, b_in,
+                                            blocks[0].norm1.weight, blocks[0].norm1.bias, blocks[0].norm1.eps)
+    else:
+        h = model.proj_in(group_norm(x, model.norm))
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, h.shape[1])
+    inner = h.shape[-1]
+    for i, block in enumerate(blocks):
         attn1, attn2 = block.attn1, block.attn2
-        q, k, v = F.linear(block.norm1(h), qkv_weights[i]).chunk(3, dim=-1)
-        a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
-        h = attn1.to_out[0](_merge_heads(a)) + h
-        q = _heads(attn2.to_q(block.norm2(h)), attn2.heads)
-        a = sdpa(q, kv[2 * i], kv[2 * i + 1])
-        h = attn2.to_out[0](_merge_heads(a)) + h
         proj, ff2 = block.ff.net[0].proj, block.ff.net[2]
-        g = geglu(block.norm3(h), proj.weight, proj.bias)
+        if not fused or i > 0:
+            normed = block.norm1(h)
+        q, k, v = F.linear(normed, qkv_weights[i]).chunk(3, dim=-1)
+        a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
+        if fused:
+            out1, out2 = in_out_matrix(attn1.to_out[0]), in_out_matrix(attn2.to_out[0])
+            h, normed = linear_norm.linear_norm(_merge_heads(a), *out1, block.norm2.weight, block.norm2.bias,
+                                                block.norm2.eps, residual=h)
+        else:
+            h = attn1.to_out[0](_merge_heads(a)) + h
+            normed = block.norm2(h)
+        q = _heads(attn2.to_q(normed), attn2.heads)
+        a = sdpa(q, kv[2 * i], kv[2 * i + 1])
+        if fused and residual_gemm.FEED_FORWARD:  # c = h + ff2's bias, where ff2 accumulates
+            c, normed = linear_norm.linear_norm(_merge_heads(a), *out2, block.norm3.weight, block.norm3.bias,
+                                                block.norm3.eps, residual=h, extra_bias=ff2.bias)
+            g = geglu(normed, proj.weight, proj.bias)
+            h = residual_gemm.accumulate_mm(c.reshape(-1, inner), g.reshape(-1, g.shape[-1]),
+                                            ff2.weight.t()).reshape(c.shape)
+            continue
+        if fused:
+            h, normed = linear_norm.linear_norm(_merge_heads(a), *out2, block.norm3.weight, block.norm3.bias,
+                                                block.norm3.eps, residual=h)
+        else:
+            h = attn2.to_out[0](_merge_heads(a)) + h
+            normed = block.norm3(h)
+        g = geglu(normed, proj.weight, proj.bias)
         if residual_gemm.FEED_FORWARD:
             h = residual_gemm.linear_plus_residual(g, ff2.weight.t(), ff2.bias, h)
         else:

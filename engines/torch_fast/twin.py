@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import residual_gemm, triton_conv, zero_convs
+from engines.torch_fast import linear_norm, residual_gemm, triton_conv, zero_convs
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -205,7 +205,16 @@ class _TwinTransformer(nn.Module):
             normed, residual = self.norm.rows(x, self.proj_out.bias if residual_gemm.PROJ_OUT else None)
         else:
             normed = _to_rows(self.norm(x))
-        h = self.proj_in(normed)  # (G, B*T, inner)
+        # Where linear_norm holds the width, proj_in and both attention outputs each run as one kernel with the
+        # LayerNorm that follows them.
+        fused = all(linear_norm.holds(layer.weight, layer.bias) for layer in
+                    [self.proj_in] + [blk.out1 for blk in self.blocks] + [blk.out2 for blk in self.blocks])
+        if fused:
+            first = self.blocks[0].norm1
+            h, normed = linear_norm.linear_norm(normed, self.proj_in.weight, self.proj_in.bias, first.weight,
+                                                first.bias, first.eps)
+        else:
+            h = self.proj_in(normed)  # (G, B*T, inner)
 
         def per_image(t):  # (G, B*T, X) -> (G*B, T, X)
             return t.reshape(-1, tokens, t.shape[-1])
@@ -214,17 +223,37 @@ class _TwinTransformer(nn.Module):
             return t.reshape(GROUPS, -1, t.shape[-1])
 
         for i, block in enumerate(self.blocks):
-            q, k, v = per_image(torch.bmm(block.norm1(h), block.qkv)).chunk(3, dim=-1)
+            if not fused or i > 0:
+                normed = block.norm1(h)
+            q, k, v = per_image(torch.bmm(normed, block.qkv)).chunk(3, dim=-1)
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
-            h = block.out1(per_group(_merge_heads(a))) + h
-            q = _heads(per_image(block.q2(block.norm2(h))), block.heads)
+            if fused:
+                h, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out1.weight, block.out1.bias,
+                                                    block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=h)
+            else:
+                h = block.out1(per_group(_merge_heads(a))) + h
+                normed = block.norm2(h)
+            q = _heads(per_image(block.q2(normed)), block.heads)
             if double_at_cross and i == 0:
                 q, h, x = _double_images(q), _double_rows(h), _double_images(x)
                 residual = None if residual is None else _double_rows(residual)
                 n = 2 * n
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
-            h = block.out2(per_group(_merge_heads(a))) + h
-            g = geglu(block.norm3(h), block.ff1.weight, block.ff1.bias)
+            if fused and residual_gemm.FEED_FORWARD:  # c = h + ff2's bias, where ff2 accumulates
+                c, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out2.weight, block.out2.bias,
+                                                    block.norm3.weight, block.norm3.bias, block.norm3.eps,
+                                                    residual=h, extra_bias=block.ff2.bias)
+                g = geglu(normed, block.ff1.weight, block.ff1.bias)
+                h = residual_gemm.accumulate_mm(c, g, block.ff2.weight)
+                continue
+            if fused:
+                h, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out2.weight, block.out2.bias,
+                                                    block.norm3.weight, block.norm3.bias, block.norm3.eps,
+                                                    residual=h)
+            else:
+                h = block.out2(per_group(_merge_heads(a))) + h
+                normed = block.norm3(h)
+            g = geglu(normed, block.ff1.weight, block.ff1.bias)
             if residual_gemm.FEED_FORWARD:
                 h = residual_gemm.linear_plus_residual(g, block.ff2.weight, block.ff2.bias, h)
             else:
