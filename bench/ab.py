@@ -19,7 +19,7 @@ from pathlib import Path
 from engines.torch_fast.compile import JIT_CACHE as JIT_CACHE_FILE
 
 KEEP = re.compile(r"^(loop|latent|decode|part |kernel time|  \S.*kernels$)")
-JIT_CACHE = Path("build/256x384-fp16/torch") / JIT_CACHE_FILE  # profile_step's default profile
+TORCH_ARTIFACTS = Path("build/256x384-fp16/torch")  # profile_step's default profile; one directory per GPU
 
 
 def parse_setting(text: str) -> dict:
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     variants = [(s, parse_setting(s)) for s in a.settings]
     loops = []
     for text, env in variants:
-        JIT_CACHE.unlink(missing_ok=True)
+        for cache in TORCH_ARTIFACTS.glob(f"*/{JIT_CACHE_FILE}"):  # every variant compiles afresh
+            cache.unlink()
         print(f"== {text or '(defaults)'}", flush=True)
         try:
             done = subprocess.run([sys.executable, "-m", "bench.profile_step"], env={**os.environ, **env},

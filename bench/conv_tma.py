@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engines.torch_fast import triton_conv
+from engines.torch_fast import conv_tuning, triton_conv
+from engines.torch_fast.compile import device_artifact_dir
 from engines.torch_fast.conv_tuning import (MAX_RELATIVE_ERROR, ConvChoice, ConvShape, TuningTable,
                                             conv_inputs, cudnn_call, graph_time_us, relative_error,
                                             triton_call)
 from engines.torch_fast.triton_conv import ConvConfig
 
-TABLE = Path("build/256x384-fp16/torch/conv_tuning.json")
+TORCH_ARTIFACTS = Path("build/256x384-fp16/torch")  # one directory per GPU model (compile.device_artifact_dir)
 
 
 def compile_check() -> None:
@@ -46,11 +47,13 @@ def compile_check() -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=None, help="table keys (default: every stride-1 shape)")
-    p.add_argument("--table", default=str(TABLE))
+    p.add_argument("--table", default=None, help="default: this GPU's table under " + str(TORCH_ARTIFACTS))
     p.add_argument("--write", default=None, help="save the table with each shape's faster choice to this file")
     a = p.parse_args(argv)
     compile_check()
-    table = TuningTable.load(Path(a.table))
+    path = Path(a.table) if a.table else (device_artifact_dir(TORCH_ARTIFACTS, torch.device("cuda"))
+                                          / conv_tuning.TABLE_FILE)
+    table = TuningTable.load(path)
     keys = a.shapes or [k for k in table.choices if " s1 " in k and "->4 " not in k]
     total_old = total_new = 0.0
     for key in keys:

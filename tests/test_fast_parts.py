@@ -101,3 +101,13 @@ def test_inductor_option_values_from_the_environment():
     assert _option_value("1") is True and _option_value("0") is False
     assert _option_value("100") == 100
     assert _option_value("max-autotune") == "max-autotune"
+
+
+def test_artifacts_live_in_one_directory_per_gpu_model(monkeypatch, tmp_path):
+    from engines.torch_fast.compile import device_artifact_dir
+
+    assert device_artifact_dir(tmp_path, torch.device("cpu")) == tmp_path
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_artifact_dir(tmp_path, torch.device("cuda")) == tmp_path / "nvidia-h100-80gb-hbm3"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_artifact_dir(tmp_path, torch.device("cuda")) == tmp_path / "nvidia-h200"

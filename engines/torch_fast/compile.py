@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from artifacts import Manifest, atomic_file, library_versions
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 13
+PARTS_VERSION = 14
 
 
 JIT_CACHE = "inductor_cache.bin"
@@ -67,6 +68,16 @@ def _option_value(text: str):
         return int(text)
     except ValueError:
         return text
+
+
+def device_artifact_dir(base: Path, device: torch.device) -> Path:
+    """Where the artifacts of one GPU model live: base/<gpu name as a slug> (e.g. nvidia-h100-80gb-hbm3). The
+    tuning table and the compiled kernels are specific to the GPU model, so each model keeps its own directory
+    and a machine with another GPU does not overwrite (and re-tune over) them. base itself off CUDA."""
+    if device.type != "cuda":
+        return Path(base)
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return Path(base) / (slug or "cuda")
 
 
 def artifact_key(profile_name: str, weights_id: str, device: torch.device) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
-from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key
+from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key, device_artifact_dir
 from engines.torch_fast import conv_tuning, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
@@ -300,6 +300,7 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
 
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
                        compile_mode: str = "auto") -> EngineSet:
+    artifact_dir = device_artifact_dir(artifact_dir, device)
     mode = CompileMode.parse(compile_mode)
     if mode is CompileMode.AUTO:
         mode = CompileMode.JIT if device.type == "cuda" else CompileMode.EAGER
