@@ -137,20 +137,43 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def residual_and_norm(fused: bool, weight: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+                      residual: "torch.Tensor | None", norm: nn.Module,
+                      next_bias: "torch.Tensor | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + next_bias, norm(h)) for h = residual + a @ weight + bias: a projection that writes the residual stream
+    and the norm after it. weight is (in, out), or the twin's stacked (G, in, out) with (G, out) biases and a
+    stacked norm; next_bias (the next accumulating GEMM's, `residual_gemm`) may be None.
+
+    fused: one `linear_norm` kernel. Else a GEMM (+ bias), the add, and the norm's own kernel, as before it."""
+    if fused:
+        return linear_norm.linear_norm(a, weight, bias, norm.weight, norm.bias, norm.eps, residual=residual,
+                                       extra_bias=next_bias)
+    stacked = weight.dim() == 3
+    if stacked:  # not baddbmm: see twin._TwinLinear
+        h = torch.bmm(a, weight) if bias is None else torch.bmm(a, weight) + bias[:, None, :]
+    else:
+        h = F.linear(a, weight.t(), bias)
+    if residual is not None:
+        h = h + residual
+    normed = norm(h)
+    if next_bias is not None:
+        h = h + (next_bias[:, None, :] if stacked else next_bias)
+    return h, normed
+
+
 def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
     """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split.
 
-    Where `linear_norm` holds the width, each projection that writes the residual stream (proj_in, both attention
-    outputs) runs as one kernel with the LayerNorm after it."""
+    Each projection that writes the residual stream (proj_in, both attention outputs) and the LayerNorm after it
+    go through `residual_and_norm`: one `linear_norm` kernel where it holds the width (opt-in)."""
     b, c, height, width = x.shape
     residual = x
     blocks = model.transformer_blocks
-    w_in, b_in = in_out_matrix(model.proj_in)
     fused = all(linear_norm.holds(*in_out_matrix(layer)) for layer in
                 [model.proj_in] + [blk.attn1.to_out[0] for blk in blocks] + [blk.attn2.to_out[0] for blk in blocks])
     if fused:
-        h, normed = linear_norm.linear_norm(_rows_of(group_norm(x, model.norm)), w_in, b_in,
-                                            blocks[0].norm1.weight, blocks[0].norm1.bias, blocks[0].norm1.eps)
+        h, normed = residual_and_norm(True, *in_out_matrix(model.proj_in), _rows_of(group_norm(x, model.norm)),
+                                      None, blocks[0].norm1)
     else:
         h = model.proj_in(group_norm(x, model.norm))
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, h.shape[1])
@@ -162,31 +185,17 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) ->
             normed = block.norm1(h)
         q, k, v = F.linear(normed, qkv_weights[i]).chunk(3, dim=-1)
         a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
-        if fused:
-            out1, out2 = in_out_matrix(attn1.to_out[0]), in_out_matrix(attn2.to_out[0])
-            h, normed = linear_norm.linear_norm(_merge_heads(a), *out1, block.norm2.weight, block.norm2.bias,
-                                                block.norm2.eps, residual=h)
-        else:
-            h = attn1.to_out[0](_merge_heads(a)) + h
-            normed = block.norm2(h)
+        h, normed = residual_and_norm(fused, *in_out_matrix(attn1.to_out[0]), _merge_heads(a), h, block.norm2)
         q = _heads(attn2.to_q(normed), attn2.heads)
         a = sdpa(q, kv[2 * i], kv[2 * i + 1])
-        if fused and residual_gemm.FEED_FORWARD:  # c = h + ff2's bias, where ff2 accumulates
-            c, normed = linear_norm.linear_norm(_merge_heads(a), *out2, block.norm3.weight, block.norm3.bias,
-                                                block.norm3.eps, residual=h, extra_bias=ff2.bias)
-            g = geglu(normed, proj.weight, proj.bias)
-            h = residual_gemm.accumulate_mm(c.reshape(-1, inner), g.reshape(-1, g.shape[-1]),
-                                            ff2.weight.t()).reshape(c.shape)
-            continue
-        if fused:
-            h, normed = linear_norm.linear_norm(_merge_heads(a), *out2, block.norm3.weight, block.norm3.bias,
-                                                block.norm3.eps, residual=h)
-        else:
-            h = attn2.to_out[0](_merge_heads(a)) + h
-            normed = block.norm3(h)
+        # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
+        accumulate = residual_gemm.FEED_FORWARD
+        h, normed = residual_and_norm(fused, *in_out_matrix(attn2.to_out[0]), _merge_heads(a), h, block.norm3,
+                                      ff2.bias if accumulate else None)
         g = geglu(normed, proj.weight, proj.bias)
-        if residual_gemm.FEED_FORWARD:
-            h = residual_gemm.linear_plus_residual(g, ff2.weight.t(), ff2.bias, h)
+        if accumulate:
+            h = residual_gemm.accumulate_mm(h.reshape(-1, inner), g.reshape(-1, g.shape[-1]),
+                                            ff2.weight.t()).reshape(h.shape)
         else:
             h = ff2(g) + h
     if residual_gemm.PROJ_OUT:

@@ -23,7 +23,7 @@ from engines.torch_fast import linear_norm, residual_gemm, triton_conv, zero_con
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, group_norm_rows, in_out_matrix,
+                                      _transformers_of_up, group_norm_rows, in_out_matrix, residual_and_norm,
                                       stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
@@ -205,14 +205,13 @@ class _TwinTransformer(nn.Module):
             normed, residual = self.norm.rows(x, self.proj_out.bias if residual_gemm.PROJ_OUT else None)
         else:
             normed = _to_rows(self.norm(x))
-        # Where linear_norm holds the width, proj_in and both attention outputs each run as one kernel with the
-        # LayerNorm that follows them.
+        # proj_in and both attention outputs with the norm after each: `residual_and_norm` (one kernel where
+        # linear_norm holds the width; opt-in).
         fused = all(linear_norm.holds(layer.weight, layer.bias) for layer in
                     [self.proj_in] + [blk.out1 for blk in self.blocks] + [blk.out2 for blk in self.blocks])
         if fused:
-            first = self.blocks[0].norm1
-            h, normed = linear_norm.linear_norm(normed, self.proj_in.weight, self.proj_in.bias, first.weight,
-                                                first.bias, first.eps)
+            h, normed = residual_and_norm(True, self.proj_in.weight, self.proj_in.bias, normed, None,
+                                          self.blocks[0].norm1)
         else:
             h = self.proj_in(normed)  # (G, B*T, inner)
 
@@ -227,37 +226,20 @@ class _TwinTransformer(nn.Module):
                 normed = block.norm1(h)
             q, k, v = per_image(torch.bmm(normed, block.qkv)).chunk(3, dim=-1)
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
-            if fused:
-                h, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out1.weight, block.out1.bias,
-                                                    block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=h)
-            else:
-                h = block.out1(per_group(_merge_heads(a))) + h
-                normed = block.norm2(h)
+            h, normed = residual_and_norm(fused, block.out1.weight, block.out1.bias, per_group(_merge_heads(a)), h,
+                                          block.norm2)
             q = _heads(per_image(block.q2(normed)), block.heads)
             if double_at_cross and i == 0:
                 q, h, x = _double_images(q), _double_rows(h), _double_images(x)
                 residual = None if residual is None else _double_rows(residual)
                 n = 2 * n
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
-            if fused and residual_gemm.FEED_FORWARD:  # c = h + ff2's bias, where ff2 accumulates
-                c, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out2.weight, block.out2.bias,
-                                                    block.norm3.weight, block.norm3.bias, block.norm3.eps,
-                                                    residual=h, extra_bias=block.ff2.bias)
-                g = geglu(normed, block.ff1.weight, block.ff1.bias)
-                h = residual_gemm.accumulate_mm(c, g, block.ff2.weight)
-                continue
-            if fused:
-                h, normed = linear_norm.linear_norm(per_group(_merge_heads(a)), block.out2.weight, block.out2.bias,
-                                                    block.norm3.weight, block.norm3.bias, block.norm3.eps,
-                                                    residual=h)
-            else:
-                h = block.out2(per_group(_merge_heads(a))) + h
-                normed = block.norm3(h)
+            # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
+            accumulate = residual_gemm.FEED_FORWARD
+            h, normed = residual_and_norm(fused, block.out2.weight, block.out2.bias, per_group(_merge_heads(a)), h,
+                                          block.norm3, block.ff2.bias if accumulate else None)
             g = geglu(normed, block.ff1.weight, block.ff1.bias)
-            if residual_gemm.FEED_FORWARD:
-                h = residual_gemm.linear_plus_residual(g, block.ff2.weight, block.ff2.bias, h)
-            else:
-                h = block.ff2(g) + h
+            h = residual_gemm.accumulate_mm(h, g, block.ff2.weight) if accumulate else block.ff2(g) + h
         if residual_gemm.PROJ_OUT:
             if residual is None:
                 out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.proj_out.bias, _to_rows(x))
