@@ -67,7 +67,7 @@ def fits(k: int, n: int) -> bool:
     """K in whole BLOCK_K steps, N at most MAX_WIDTH and two column blocks of at least 16 (or one)."""
     blocks = column_blocks(n)
     return (k % BLOCK_K == 0 and n <= MAX_WIDTH and blocks is not None and blocks[0] >= 16
-            and blocks[1] in (0,) + tuple(range(16, n + 1)))
+            and (blocks[1] == 0 or blocks[1] >= 16))
 
 
 if triton is not None:

@@ -125,7 +125,7 @@ class _TwinConv(nn.Module):
 
 
 def _double_images(t: torch.Tensor) -> torch.Tensor:
-    """(G*B, ...) -> (G*2B, ...): each network's images twice, [copy, copy] (TwinEncoder's `double`)."""
+    """(G*B, ...) -> (G*2B, ...): each network's images twice, [copy, copy]: the CFG batch from one copy."""
     per_group = t.reshape(GROUPS, -1, *t.shape[1:])
     return torch.cat([per_group, per_group], dim=1).reshape(-1, *t.shape[1:])
 
@@ -197,7 +197,7 @@ class _TwinTransformer(nn.Module):
 
         double_at_cross: x holds one copy of the CFG batch (G*B/2 images, cond = uncond), as the shared first
         ResNet pair leaves it; everything before the first cross-attention runs on that copy, and the rows are
-        doubled ([copy, copy] per network, as TwinEncoder's `double`) where the prompts first differ."""
+        doubled ([copy, copy] per network, `_double_images`) where the prompts first differ."""
         n, _, height, width = x.shape
         tokens = height * width
         residual = None  # x + proj_out's bias, as rows (when the norm's kernel makes it)
@@ -332,13 +332,9 @@ class TwinEncoder(nn.Module):
             hu, hc = self.unet.conv_in(x16), self.controlnet.conv_in(x16)
         hc = hc + hint_features
         # Until the first cross-attention the cond and uncond rows are equal (same latent, same hint): conv_in and
-        # the first ResNet pair (plan[0]) run on one copy, [UNet, ControlNet]; `double` makes the CFG batch.
+        # the first ResNet pair (plan[0]) run on one copy, [UNet, ControlNet]; `_double_images` makes the CFG batch.
         h = torch.cat([hu, hc])
-
-        def double(t):
-            return torch.cat([t[:b], t[:b], t[b:], t[b:]])
-
-        states = [double(h)]
+        states = [_double_images(h)]
         layers = iter(self.layers)
         ts = iter(self.slices)
         per_block = iter(_split(kv, self.kv_counts))
@@ -347,7 +343,7 @@ class TwinEncoder(nn.Module):
         shared_transformer = SHARE_SELF_ATTENTION and self.plan[1] == "transformer"
         for i, tag in enumerate(self.plan):
             if i == 1 and not shared_transformer:
-                h = double(h)
+                h = _double_images(h)
             if tag == "state":
                 states.append(h)
             elif tag == "resnet":
