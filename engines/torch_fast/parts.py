@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import linear_norm, residual_gemm, subpixel
+from engines.torch_fast import linear_norm, norm_matmul, residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
@@ -161,11 +161,65 @@ def residual_and_norm(fused: bool, weight: torch.Tensor, bias: torch.Tensor, a: 
     return h, normed
 
 
-def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+def prenorm_transformers(transformers) -> "nn.ModuleList | None":
+    """Each transformer's `norm_matmul.PrenormTransformer` (its stream starts whole: proj_in adds its own bias) when
+    the transformers run in the pre-norm form (`norm_matmul.ENABLED`, and not the opt-in `linear_norm` form); else
+    None. The pre-norm form always accumulates the residual adds in the GEMMs (`residual_gemm`)."""
+    if not norm_matmul.ENABLED or linear_norm.ENABLED:
+        return None
+    out = nn.ModuleList()
+    for t in transformers:
+        blocks = []
+        for blk in t.transformer_blocks:
+            a = blk.attn1
+            norms = [(n.weight, n.bias, n.eps) for n in (blk.norm1, blk.norm2, blk.norm3)]
+            qkv = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).detach()
+            ff = blk.ff.net[0].proj
+            blocks.append((norms, qkv, blk.attn2.to_q.weight, (ff.weight, ff.bias),
+                           (a.to_out[0].bias, blk.attn2.to_out[0].bias, blk.ff.net[2].bias)))
+        out.append(norm_matmul.PrenormTransformer(None, blocks, *in_out_matrix(t.proj_out)))
+    return out
+
+
+def _prenorm_transformer(model, pre, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+    """`_transformer` with every LayerNorm inside the GEMM that reads it (`norm_matmul`): norm1 in the Q/K/V
+    projection, norm2 in the cross-attention's query, norm3 in the GEGLU. The residual stream h is kept without the
+    biases of the projections that write it, so those run as cuBLAS GEMMs accumulating into h (`residual_gemm`);
+    `pre` (a `norm_matmul.PrenormTransformer`) holds the folded layers, which add the pending biases back, and
+    proj_out's bias with the rest."""
+    b, c, height, width = x.shape
+    tokens = height * width
+    h = model.proj_in(group_norm(x, model.norm))
+    inner = h.shape[1]
+    h = h.permute(0, 2, 3, 1).reshape(b * tokens, inner)  # rows; a view of the channels_last map
+
+    def per_image(t):  # (B*T, X) -> (B, T, X)
+        return t.reshape(b, tokens, t.shape[-1])
+
+    for block, (qkv, to_q, geglu) in zip(model.transformer_blocks, pre.layers):
+        attn1, attn2 = block.attn1, block.attn2
+        q, k, v = per_image(qkv(h)).chunk(3, dim=-1)
+        a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
+        h = residual_gemm.accumulate_mm(h, _merge_heads(a).reshape(b * tokens, inner),
+                                        in_out_matrix(attn1.to_out[0])[0])
+        a = sdpa(_heads(per_image(to_q(h)), attn2.heads), *kv[:2])
+        kv = kv[2:]
+        h = residual_gemm.accumulate_mm(h, _merge_heads(a).reshape(b * tokens, inner),
+                                        in_out_matrix(attn2.to_out[0])[0])
+        h = residual_gemm.accumulate_mm(h, geglu(h), in_out_matrix(block.ff.net[2])[0])
+    weight, _ = in_out_matrix(model.proj_out)
+    out = residual_gemm.linear_plus_residual(h, weight, pre.proj_out_bias, _rows_of(x))
+    return out.reshape(b, height, width, out.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pre=None) -> torch.Tensor:
     """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split.
 
-    Each projection that writes the residual stream (proj_in, both attention outputs) and the LayerNorm after it
-    go through `residual_and_norm`: one `linear_norm` kernel where it holds the width (opt-in)."""
+    With pre (a `norm_matmul.PrenormTransformer`): the pre-norm form, `_prenorm_transformer`. Otherwise each
+    projection that writes the residual stream (proj_in, both attention outputs) and the LayerNorm after it go
+    through `residual_and_norm`: one `linear_norm` kernel where it holds the width (opt-in)."""
+    if pre is not None:
+        return _prenorm_transformer(model, pre, x, kv)
     b, c, height, width = x.shape
     residual = x
     blocks = model.transformer_blocks
@@ -392,7 +446,8 @@ class UNetDecoder(nn.Module):
         self.fused = nn.ModuleDict({str(i): m for i, m in (fused or {}).items()})
         self.fused_indices = frozenset((fused or {}).keys())
         self.transformers = _transformers_of_up(unet)
-        self.qkv = _FusedQKV(self.transformers)
+        self.prenorm = prenorm_transformers(self.transformers)
+        self.qkv = _FusedQKV(self.transformers) if self.prenorm is None else None
         self.resnets = _resnets_of(list(unet.up_blocks))
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
@@ -418,7 +473,11 @@ class UNetDecoder(nn.Module):
                 else:
                     h = _resnet(resnet, h, temb[s[0]:s[1]])
                 if attn is not None:
-                    h = _transformer(attn, self.qkv.group(next(tis)), h, next(kvs))
+                    t = next(tis)
+                    if self.prenorm is not None:
+                        h = _transformer(attn, None, h, next(kvs), self.prenorm[t])
+                    else:
+                        h = _transformer(attn, self.qkv.group(t), h, next(kvs))
             for up in block.upsamplers or []:
                 key = str(next(ups))
                 h = subpixel.upsample_conv(up, h, self.subpixel[key] if key in self.subpixel else None)

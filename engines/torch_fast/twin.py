@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import linear_norm, residual_gemm, triton_conv, zero_convs
+from engines.torch_fast import linear_norm, norm_matmul, residual_gemm, triton_conv, zero_convs
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -191,6 +191,15 @@ class _TwinTransformer(nn.Module):
             block.ff1 = _TwinLinear((bu.ff.net[0].proj, bc.ff.net[0].proj), stack)
             block.ff2 = _TwinLinear((bu.ff.net[2], bc.ff.net[2]), stack)
             self.blocks.append(block)
+        # The pre-norm form (see `_prenorm_forward`): the stream starts without proj_in's bias.
+        self.prenorm = None
+        if norm_matmul.ENABLED and not linear_norm.ENABLED:
+            self.prenorm = norm_matmul.PrenormTransformer(
+                self.proj_in.bias,
+                [([(n.weight, n.bias, n.eps) for n in (blk.norm1, blk.norm2, blk.norm3)], blk.qkv, blk.q2.weight,
+                  (blk.ff1.weight, blk.ff1.bias), (blk.out1.bias, blk.out2.bias, blk.ff2.bias))
+                 for blk in self.blocks],
+                self.proj_out.weight, self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, kv: list[torch.Tensor], double_at_cross: bool = False) -> torch.Tensor:
         """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first.
@@ -198,6 +207,8 @@ class _TwinTransformer(nn.Module):
         double_at_cross: x holds one copy of the CFG batch (G*B/2 images, cond = uncond), as the shared first
         ResNet pair leaves it; everything before the first cross-attention runs on that copy, and the rows are
         doubled ([copy, copy] per network, `_double_images`) where the prompts first differ."""
+        if self.prenorm is not None:
+            return self._prenorm_forward(x, kv, double_at_cross)
         n, _, height, width = x.shape
         tokens = height * width
         residual = None  # x + proj_out's bias, as rows (when the norm's kernel makes it)
@@ -247,6 +258,44 @@ class _TwinTransformer(nn.Module):
                 out = residual_gemm.accumulate_mm(residual, h, self.proj_out.weight)
             return _from_rows(out, n, height, width)
         return _from_rows(self.proj_out(h), n, height, width) + x
+
+    def _prenorm_forward(self, x: torch.Tensor, kv: list[torch.Tensor], double_at_cross: bool) -> torch.Tensor:
+        """`forward` with every LayerNorm inside the GEMM that reads it (`norm_matmul`, as
+        `parts._prenorm_transformer`): the stream h is kept without the biases of proj_in and of the projections
+        that write it, which accumulate into h in cuBLAS; `self.prenorm`'s folded layers add the pending biases
+        back, and its proj_out bias carries the rest."""
+        n, _, height, width = x.shape
+        tokens = height * width
+        if TRANSFORMER_NORM_ROWS:
+            normed, residual = self.norm.rows(x, self.prenorm.proj_out_bias)
+        else:
+            normed, residual = _to_rows(self.norm(x)), None
+        h = torch.bmm(normed, self.proj_in.weight)  # (G, B*T, inner); proj_in's bias is pending
+
+        def per_image(t):  # (G, B*T, X) -> (G*B, T, X)
+            return t.reshape(-1, tokens, t.shape[-1])
+
+        def per_group(t):
+            return t.reshape(GROUPS, -1, t.shape[-1])
+
+        for i, (block, (qkv, to_q, geglu)) in enumerate(zip(self.blocks, self.prenorm.layers)):
+            q, k, v = per_image(qkv(h)).chunk(3, dim=-1)
+            a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
+            h = residual_gemm.accumulate_mm(h, per_group(_merge_heads(a)), block.out1.weight)
+            q = _heads(per_image(to_q(h)), block.heads)
+            if double_at_cross and i == 0:
+                q, h, x = _double_images(q), _double_rows(h), _double_images(x)
+                residual = None if residual is None else _double_rows(residual)
+                n = 2 * n
+            a = sdpa(q, kv[2 * i], kv[2 * i + 1])
+            h = residual_gemm.accumulate_mm(h, per_group(_merge_heads(a)), block.out2.weight)
+            h = residual_gemm.accumulate_mm(h, geglu(h), block.ff2.weight)
+        if residual is None:
+            out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.prenorm.proj_out_bias,
+                                                     _to_rows(x))
+        else:
+            out = residual_gemm.accumulate_mm(residual, h, self.proj_out.weight)
+        return _from_rows(out, n, height, width)
 
 
 class TwinEncoder(nn.Module):
