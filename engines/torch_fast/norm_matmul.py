@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import pdl
+from engines.torch_fast import pdl, triton_geglu
 from profiles.config import env_flag
 
 try:
@@ -128,15 +128,9 @@ if triton is not None:
         tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
-    def _set_blocks(nargs):
-        """The descriptors' tile shapes follow the config being run (as in triton_geglu)."""
-        bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
-        nargs["a_desc"].block_shape = [bm, BLOCK_K]
-        nargs["w_desc"].block_shape = [BLOCK_K, bn] if nargs["W_KN"] else [bn, BLOCK_K]
-
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per shape: triton_geglu's TMA tiles and two for short inputs
-    TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3),
-             (64, 128, 4, 4), (64, 64, 4, 4), (64, 64, 4, 6), (64, 256, 8, 3), (256, 64, 8, 3))
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per shape: the GEGLU kernel's TMA tiles, whose pre-hook sets
+    # the descriptors' block shapes (same argument names: a_desc, w_desc, W_KN)
+    TILES = triton_geglu.TMA_TILES
 
     def _prune(configs, nargs, **kwargs):
         """GEGLU halves of whole tiles; no tile wider than the output or taller than the rows needs."""
@@ -148,8 +142,8 @@ if triton is not None:
         return keep or configs[:1]
 
     _norm_matmul_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_blocks)
-                 for bm, bn, w, st in TILES],
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
+                               pre_hook=triton_geglu._set_tma_blocks) for bm, bn, w, st in TILES],
         key=["M", "N_OUT", "K", "W_KN", "GEGLU", "HAS_SHIFT", "STATS"],
         prune_configs_by={"early_config_prune": _prune})(_norm_matmul_kernel)
 
