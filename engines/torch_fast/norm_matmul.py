@@ -46,6 +46,7 @@ BLOCK_K = 64
 
 if triton is not None:
     from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
+    from engines.torch_fast.triton_geglu import _weight_tile
 
     @triton.jit
     def _affine(acc, mean, rstd, u_ptr, c_ptr, v_ptr, cols, n_ok, HAS_SHIFT: tl.constexpr):
@@ -89,17 +90,9 @@ if triton is not None:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k0])
-            if W_KN:
-                wh = w_desc.load([g * K + k0, n0])
-            else:
-                wh = w_desc.load([n0, k0]).T
-            acc_h = tl.dot(a, wh, acc_h)
-            if GEGLU:
-                if W_KN:
-                    wg = w_desc.load([g * K + k0, N_OUT + n0])
-                else:
-                    wg = w_desc.load([N_OUT + n0, k0]).T
-                acc_g = tl.dot(a, wg, acc_g)
+            acc_h = tl.dot(a, _weight_tile(w_desc, g, K, k0, n0, W_KN), acc_h)
+            if GEGLU:  # the gate's columns follow the hidden ones
+                acc_g = tl.dot(a, _weight_tile(w_desc, g, K, k0, N_OUT + n0, W_KN), acc_g)
             if STATS == 0:
                 d = a.to(tl.float32) - pivot[:, None]
             elif STATS == 1:  # experiment (bench.norm_matmul): the statistics from a second, pointer load of the tile

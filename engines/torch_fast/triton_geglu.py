@@ -83,6 +83,16 @@ if triton is not None:
         _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
 
     @triton.jit
+    def _weight_tile(w_desc, g, K, k0, n, W_KN: tl.constexpr):
+        """The (BLOCK_K, BLOCK_N) weight tile of input rows k0.. and output columns n.. of group g: from stacked
+        (G * K, N) matrices if W_KN, else read transposed from an (N, K) nn.Linear weight."""
+        if W_KN:
+            tile = w_desc.load([g * K + k0, n])
+        else:
+            tile = w_desc.load([n, k0]).T
+        return tile
+
+    @triton.jit
     def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, s_bg, s_og, s_om,
                           HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
@@ -99,14 +109,8 @@ if triton is not None:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k0])
-            if W_KN:
-                wh = w_desc.load([g * K + k0, n0])
-                wg = w_desc.load([g * K + k0, N_OUT + n0])
-            else:
-                wh = w_desc.load([n0, k0]).T
-                wg = w_desc.load([N_OUT + n0, k0]).T
-            acc_h = tl.dot(a, wh, acc_h)
-            acc_g = tl.dot(a, wg, acc_g)
+            acc_h = tl.dot(a, _weight_tile(w_desc, g, K, k0, n0, W_KN), acc_h)
+            acc_g = tl.dot(a, _weight_tile(w_desc, g, K, k0, N_OUT + n0, W_KN), acc_g)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
