@@ -12,6 +12,12 @@ step's GEGLU kernel does), each program sums x and x^2 over its rows from the A 
 epilogue applies the per-row mean and rstd. A first version that normalised every A tile in registers before the
 dot was 1.1-2.1x slower than norm + GEMM on every step shape (bench/NOTES.md, session 11).
 
+Measured (one H100, `python3 -m bench.norm_matmul`, session 11): this folded form is slower than the norm's kernel +
+the GEMM on every step shape too (20 shapes: 302 -> 412 us). The statistics cost the time: with (mean, rstd) given
+(`norm_matmul_kernel(stats=2)`, an experiment) the kernel is within -2.7..+2.6 us of norm + GEMM. So the pre-norm
+form is opt-in and off (CNRT_NORM_MATMUL=1); it would pay only where the statistics come for free, e.g. from the
+epilogue of the GEMM that writes the stream.
+
 The residual stream without its biases: the residual adds of the block run inside cuBLAS (`residual_gemm`,
 c += a @ W), which cannot add a bias there. So the stream is kept as h - offset, where the offset (a per-channel
 vector known when the model is built, `PendingBiases`) is the sum of the biases not yet added. The norm needs
@@ -40,7 +46,8 @@ try:
 except ImportError:  # CPU-only installs
     triton = tl = None
 
-# Opt-in, off (slower per shape, see above). 1: the transformers run the pre-norm form (parts.prenorm_transformers)
+# Opt-in, off (slower per shape, see "Measured" above). 1: the transformers run the pre-norm form
+# (parts.prenorm_transformers)
 ENABLED = env_flag("CNRT_NORM_MATMUL", False)
 BLOCK_K = 64
 
