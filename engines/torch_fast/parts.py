@@ -161,11 +161,22 @@ def residual_and_norm(fused: bool, weight: torch.Tensor, bias: torch.Tensor, a: 
     return h, normed
 
 
+def prenorm_form() -> bool:
+    """Whether the transformers run in the pre-norm form (`norm_matmul.ENABLED`), which the opt-in `linear_norm`
+    form excludes. The decoder (`prenorm_transformers`) and the twin encoder ask the same question here."""
+    return norm_matmul.ENABLED and not linear_norm.ENABLED
+
+
+def fused_qkv_weight(attn) -> torch.Tensor:
+    """A self-attention's to_q, to_k and to_v weights as one (3 * inner, C) nn.Linear-layout matrix."""
+    return torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+
+
 def prenorm_transformers(transformers) -> "nn.ModuleList | None":
-    """Each transformer's `norm_matmul.PrenormTransformer` (its stream starts whole: proj_in adds its own bias) when
-    the transformers run in the pre-norm form (`norm_matmul.ENABLED`, and not the opt-in `linear_norm` form); else
-    None. The pre-norm form always accumulates the residual adds in the GEMMs (`residual_gemm`)."""
-    if not norm_matmul.ENABLED or linear_norm.ENABLED:
+    """Each transformer's `norm_matmul.PrenormTransformer` (its stream starts whole: proj_in adds its own bias) in
+    the pre-norm form (`prenorm_form`); else None. The pre-norm form always accumulates the residual adds in the
+    GEMMs (`residual_gemm`)."""
+    if not prenorm_form():
         return None
     out = nn.ModuleList()
     for t in transformers:
@@ -173,9 +184,8 @@ def prenorm_transformers(transformers) -> "nn.ModuleList | None":
         for blk in t.transformer_blocks:
             a = blk.attn1
             norms = [(n.weight, n.bias, n.eps) for n in (blk.norm1, blk.norm2, blk.norm3)]
-            qkv = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).detach()
             ff = blk.ff.net[0].proj
-            blocks.append((norms, qkv, blk.attn2.to_q.weight, (ff.weight, ff.bias),
+            blocks.append((norms, fused_qkv_weight(a), blk.attn2.to_q.weight, (ff.weight, ff.bias),
                            (a.to_out[0].bias, blk.attn2.to_out[0].bias, blk.ff.net[2].bias)))
         out.append(norm_matmul.PrenormTransformer(None, blocks, *in_out_matrix(t.proj_out)))
     return out
@@ -196,17 +206,16 @@ def _prenorm_transformer(model, pre, x: torch.Tensor, kv: list[torch.Tensor]) ->
     def per_image(t):  # (B*T, X) -> (B, T, X)
         return t.reshape(b, tokens, t.shape[-1])
 
-    for block, (qkv, to_q, geglu) in zip(model.transformer_blocks, pre.layers):
+    for i, (block, (qkv, to_q, norm_geglu)) in enumerate(zip(model.transformer_blocks, pre.layers)):
         attn1, attn2 = block.attn1, block.attn2
         q, k, v = per_image(qkv(h)).chunk(3, dim=-1)
         a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
         h = residual_gemm.accumulate_mm(h, _merge_heads(a).reshape(b * tokens, inner),
                                         in_out_matrix(attn1.to_out[0])[0])
-        a = sdpa(_heads(per_image(to_q(h)), attn2.heads), *kv[:2])
-        kv = kv[2:]
+        a = sdpa(_heads(per_image(to_q(h)), attn2.heads), kv[2 * i], kv[2 * i + 1])
         h = residual_gemm.accumulate_mm(h, _merge_heads(a).reshape(b * tokens, inner),
                                         in_out_matrix(attn2.to_out[0])[0])
-        h = residual_gemm.accumulate_mm(h, geglu(h), in_out_matrix(block.ff.net[2])[0])
+        h = residual_gemm.accumulate_mm(h, norm_geglu(h), in_out_matrix(block.ff.net[2])[0])
     weight, _ = in_out_matrix(model.proj_out)
     out = residual_gemm.linear_plus_residual(h, weight, pre.proj_out_bias, _rows_of(x))
     return out.reshape(b, height, width, out.shape[-1]).permute(0, 3, 1, 2)
@@ -304,10 +313,8 @@ class _FusedQKV(nn.Module):
         for t in transformers:
             self.groups.append([])
             for block in t.transformer_blocks:
-                a = block.attn1
                 self.groups[-1].append(len(self.weights))
-                w = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).detach()
-                self.weights.append(nn.Parameter(w, requires_grad=False))
+                self.weights.append(nn.Parameter(fused_qkv_weight(block.attn1), requires_grad=False))
 
     def group(self, i: int) -> list[torch.Tensor]:
         return [self.weights[j] for j in self.groups[i]]

@@ -23,8 +23,8 @@ from engines.torch_fast import linear_norm, norm_matmul, residual_gemm, triton_c
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, group_norm_rows, in_out_matrix, residual_and_norm,
-                                      stacked_group_norm)
+                                      _transformers_of_up, fused_qkv_weight, group_norm_rows, in_out_matrix,
+                                      prenorm_form, residual_and_norm, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -183,8 +183,7 @@ class _TwinTransformer(nn.Module):
             block.norm1 = _TwinNorm((bu.norm1, bc.norm1), stack, "layer")
             block.norm2 = _TwinNorm((bu.norm2, bc.norm2), stack, "layer")
             block.norm3 = _TwinNorm((bu.norm3, bc.norm3), stack, "layer")
-            block.qkv = stack((bu.attn1, bc.attn1),
-                              lambda a: torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).t())
+            block.qkv = stack((bu.attn1, bc.attn1), lambda a: fused_qkv_weight(a).t())
             block.out1 = _TwinLinear((bu.attn1.to_out[0], bc.attn1.to_out[0]), stack)
             block.q2 = _TwinLinear((bu.attn2.to_q, bc.attn2.to_q), stack)
             block.out2 = _TwinLinear((bu.attn2.to_out[0], bc.attn2.to_out[0]), stack)
@@ -193,7 +192,7 @@ class _TwinTransformer(nn.Module):
             self.blocks.append(block)
         # The pre-norm form (see `_prenorm_forward`): the stream starts without proj_in's bias.
         self.prenorm = None
-        if norm_matmul.ENABLED and not linear_norm.ENABLED:
+        if prenorm_form():
             self.prenorm = norm_matmul.PrenormTransformer(
                 self.proj_in.bias,
                 [([(n.weight, n.bias, n.eps) for n in (blk.norm1, blk.norm2, blk.norm3)], blk.qkv, blk.q2.weight,
@@ -278,7 +277,7 @@ class _TwinTransformer(nn.Module):
         def per_group(t):
             return t.reshape(GROUPS, -1, t.shape[-1])
 
-        for i, (block, (qkv, to_q, geglu)) in enumerate(zip(self.blocks, self.prenorm.layers)):
+        for i, (block, (qkv, to_q, norm_geglu)) in enumerate(zip(self.blocks, self.prenorm.layers)):
             q, k, v = per_image(qkv(h)).chunk(3, dim=-1)
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
             h = residual_gemm.accumulate_mm(h, per_group(_merge_heads(a)), block.out1.weight)
@@ -289,7 +288,7 @@ class _TwinTransformer(nn.Module):
                 n = 2 * n
             a = sdpa(q, kv[2 * i], kv[2 * i + 1])
             h = residual_gemm.accumulate_mm(h, per_group(_merge_heads(a)), block.out2.weight)
-            h = residual_gemm.accumulate_mm(h, geglu(h), block.ff2.weight)
+            h = residual_gemm.accumulate_mm(h, norm_geglu(h), block.ff2.weight)
         if residual is None:
             out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.prenorm.proj_out_bias,
                                                      _to_rows(x))
