@@ -1,5 +1,6 @@
 """Programmatic dependent launch (engines/torch_fast/pdl.py): off where it cannot work; on a Hopper GPU, our kernels
-launched with it between Inductor's (PDL on too) and replayed in one CUDA graph give the bytes of plain launches.
+launched with it (and their weight prefetches) between Inductor's (PDL on too, every kernel waiting before its first
+access: `compile.wait_before_first_access`), replayed in one CUDA graph, give the bytes of plain launches.
 
 PDL changes when a kernel may start, never what it computes, so the only acceptable difference is none: a kernel
 that read its input before the one writing it had finished would show up as different bytes in some replay.
@@ -40,6 +41,10 @@ def test_a_pdl_chain_replayed_in_a_cuda_graph_gives_the_bytes_of_plain_launches(
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability 9.0")
     import torch._inductor.config as inductor_config
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.utils import run_and_get_code
+
+    from engines.torch_fast.compile import wait_before_first_access
 
     from engines.torch_fast import triton_attention, triton_conv, triton_geglu
     from engines.torch_fast.triton_conv import candidate_configs, tma_candidate_configs
@@ -83,9 +88,14 @@ def test_a_pdl_chain_replayed_in_a_cuda_graph_gives_the_bytes_of_plain_launches(
     monkeypatch.setattr(pdl, "REQUESTED", False)
     plain = captured(1)[0]
     monkeypatch.setattr(pdl, "REQUESTED", True)
-    with inductor_config.patch({"triton.enable_pdl": True}):
+    monkeypatch.setattr(TritonKernel, "_handle_pdl_before_access", wait_before_first_access)
+    with inductor_config.patch({"triton.enable_pdl": True, "fx_graph_cache": False}):
         with_pdl = captured(50)
+        torch._dynamo.reset()
+        _, sources = run_and_get_code(torch.compile(chain, fullgraph=True, dynamic=False), x)
     torch._dynamo.reset()
+    kernels = [k for src in sources for k in src.split("@triton.jit")[1:]]
+    assert kernels and all("gdc_wait()" in k for k in kernels), "an Inductor kernel does not wait before it reads"
     for i, out in enumerate(with_pdl):
         assert torch.equal(out, plain), f"replay {i} differs from the plain launches"
     for kernel in (triton_conv._conv_nhwc_kernel, triton_conv._conv_tma_kernel, triton_attention._attention_kernel,

@@ -1,23 +1,24 @@
-"""Programmatic dependent launch (PDL) for our Triton kernels: the next kernel starts while this one ends.
+"""Programmatic dependent launch (PDL): the next kernel is launched while this one ends. On by default (CNRT_PDL=0
+turns it off) for our Triton kernels and, through `compile.py`, for Inductor's.
 
-Why: the captured loop is about 10,000 kernels, most of them a few microseconds long, one after another on one
-stream. Between two dependent kernels the GPU drains the first grid, then launches and ramps up the second, and
-the question was how much of the loop that costs. With PDL (Hopper and later) a kernel launched
-with the programmatic-serialisation attribute may be scheduled as soon as every program of the kernel before it
-has called `griddepcontrol.launch_dependents`; it then blocks in `griddepcontrol.wait` until that kernel has
-finished and its writes are visible. CUDA-graph capture keeps the edge (a programmatic dependency).
+Why: the captured loop is about 8,900 kernels, most of them a few microseconds long, one after another on one
+stream. Between two dependent kernels the GPU drains the first grid, then launches and ramps up the second. With
+PDL (Hopper and later) a kernel launched with the programmatic-serialisation attribute may be scheduled as soon as
+every program of the kernel before it has called `griddepcontrol.launch_dependents`; it then blocks in
+`griddepcontrol.wait` until that kernel has finished and its writes are visible. CUDA-graph capture keeps the edge
+(a programmatic dependency).
 
-The rule every PDL kernel here keeps: `pdl_begin()` first, before any load or store, and it waits before it signals.
-So a kernel signals only once everything before it has finished, and a chain of PDL kernels stays ordered exactly
-as a plain stream is (a kernel without the attribute, such as a cuBLAS GEMM, waits for full completion as usual).
-Inductor's own kernels have a switch of their own (TORCHINDUCTOR_ENABLE_PDL=1) that waits only where a kernel
-reads what the kernel just before it wrote.
+The rule every PDL kernel here keeps: it waits before its first load or store (`pdl_begin()` first in ours), and
+signals only after it waited. So a kernel touches memory only once everything before it has finished, and a chain
+of PDL kernels stays ordered exactly as a plain stream is (a kernel without the attribute, such as a cuBLAS GEMM,
+waits for full completion as usual). Inductor's own rule (TORCHINDUCTOR_ENABLE_PDL=1) waits only where a kernel
+reads what the kernel just before it wrote, which breaks that chain; `compile.wait_before_first_access` makes every
+Inductor kernel wait instead.
 
-Measured (bench/NOTES.md, eighth session, one H200): loop 72.05 ms with CNRT_PDL=1 against 72.11 without, the
-captured loop equal to eager byte for byte; with Inductor's switch too, 71.94 ms, but the eager loop then differed
-from the captured one. The gaps between kernels are ~0.3 us already, so there is little to hide. CNRT_PDL=1 turns
-it on for our kernels (off by default); it needs compute capability 9.0 and is off under Triton's interpreter (no
-`griddepcontrol` there).
+Measured (bench/NOTES.md): on an H200 (eighth session) our kernels alone gave 72.05 against 72.11 ms, and Inductor's
+own rule drifted the captured loop from the eager one. On an H100 (twelfth session), ours and Inductor's with a
+wait in every kernel: 70.27 against 70.70 ms, replays and eager byte-identical. It needs compute capability 9.0
+and is off under Triton's interpreter (no `griddepcontrol` there).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ try:
 except ImportError:
     triton = tl = None
 
-REQUESTED = env_flag("CNRT_PDL", False)
+REQUESTED = env_flag("CNRT_PDL", True)
 
 
 def enabled(device: torch.device) -> bool:
