@@ -11,13 +11,13 @@ kernels. This times both forms per step shape (CUDA graph, rotating inputs) and 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from engines.torch_fast.compile import _inductor_settings
+from engines.torch_fast.conv_tuning import graph_time_us
 from engines.torch_fast.parts import stacked_group_norm
 
 SHAPES = [(2, 320, 32, 48), (4, 320, 32, 48), (2, 640, 32, 48), (2, 960, 32, 48), (2, 640, 16, 24),
@@ -34,30 +34,6 @@ def two_stage_group_norm(x, num_groups, eps, weight, bias, runs: int):
     y = (rows - mean) * torch.rsqrt(var + eps)
     y = y.reshape(b, height * width, c) * weight.float() + bias.float()
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
-
-
-def time_graph_us(fn, inputs) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x in inputs:
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            for x in inputs:
-                fn(x)
-    graph.replay()
-    times = []
-    for _ in range(10):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e) * 1e3 / (4 * len(inputs)))
-    return statistics.median(times)
 
 
 def kernels(fn, x) -> int:
@@ -94,7 +70,7 @@ def main(argv=None) -> int:
                 cells.append(f"{'-':>12s}")
                 continue
             err = (fn(inputs[0]).float() - ref).abs().max().item()
-            us = time_graph_us(fn, inputs)
+            us = graph_time_us(lambda j, fn=fn: lambda: fn(inputs[j]), copies=len(inputs))
             totals[i] += us
             cells.append(f"{us:6.2f} {kernels(fn, inputs[0]):2d}k{'' if err < 2e-2 else ' ERR%.0e' % err:>3s}")
         print(f"{str(shape):22s} " + " ".join(cells), flush=True)
