@@ -11,13 +11,14 @@ A chain of small GEMMs with distinct weights (the decoder's 8x12 shapes) is repl
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from engines.torch_fast.conv_tuning import graph_time_us
 
 
 @triton.jit
@@ -67,26 +68,9 @@ def prefetch(flat: torch.Tensor, mode: str, sink: torch.Tensor) -> None:
         raise ValueError(mode)
 
 
-def time_graph(fn, repeat: int = 10) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+def time_graph(fn) -> float:
+    """Device time of one call of fn (which may fork onto other streams), replayed in a CUDA graph."""
+    return graph_time_us(lambda _: fn, copies=1, repeat=1)
 
 
 def main(argv=None) -> int:

@@ -154,17 +154,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", c
     return total.to(x.dtype)
 
 
-def _launch(x, weight, bias, c, config: LinearConfig, partial: bool, out=None) -> torch.Tensor:
+def _launch(x, weight, bias, c, cfg: LinearConfig, partial: bool, out=None) -> torch.Tensor:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     groups, m, k, n = _shape(x, weight)
-    cfg = config
     if k % (cfg.split * BLOCK_K):
         raise ValueError(f"linear: K={k} is not a multiple of split {cfg.split} x {BLOCK_K}")
     w_kn = weight.dim() == 3
-    a = x.reshape(groups * m, k)
-    if not a.is_contiguous():
-        a = a.contiguous()
+    a = x.reshape(groups * m, k).contiguous()
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, BLOCK_K])
     w = weight.contiguous()
     w_desc = (TensorDescriptor.from_tensor(w.reshape(groups * k, n), [BLOCK_K, cfg.block_n]) if w_kn
