@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import linear_norm, norm_matmul, residual_gemm, subpixel
+from engines.torch_fast import folded_cross, linear_norm, norm_matmul, residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from scheduler.ddim import cfg_mix, ddim_update
@@ -144,12 +144,16 @@ def residual_and_norm(fused: bool, weight: torch.Tensor, bias: torch.Tensor, a: 
     and the norm after it. weight is (in, out), or the twin's stacked (G, in, out) with (G, out) biases and a
     stacked norm; next_bias (the next accumulating GEMM's, `residual_gemm`) may be None.
 
-    fused: one `linear_norm` kernel. Else a GEMM (+ bias), the add, and the norm's own kernel, as before it."""
+    fused: one `linear_norm` kernel. Else a GEMM (+ bias), the add, and the norm's own kernel, as before it.
+    weight None: a is the product already (the folded cross-attention's, `folded_cross.attend`); bias is (G, out)
+    for the twin's stacked layers."""
     if fused:
         return linear_norm.linear_norm(a, weight, bias, norm.weight, norm.bias, norm.eps, residual=residual,
                                        extra_bias=next_bias)
-    stacked = weight.dim() == 3
-    if stacked:  # not baddbmm: see twin._TwinLinear
+    stacked = weight.dim() == 3 if weight is not None else bias is not None and bias.dim() == 2
+    if weight is None:
+        h = a if bias is None else a + (bias[:, None, :] if stacked else bias)
+    elif stacked:  # not baddbmm: see twin._TwinLinear
         h = torch.bmm(a, weight) if bias is None else torch.bmm(a, weight) + bias[:, None, :]
     else:
         h = F.linear(a, weight.t(), bias)
@@ -241,6 +245,7 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
         h = model.proj_in(group_norm(x, model.norm))
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, h.shape[1])
     inner = h.shape[-1]
+    folded = not fused and folded_cross.active()
     for i, block in enumerate(blocks):
         attn1, attn2 = block.attn1, block.attn2
         proj, ff2 = block.ff.net[0].proj, block.ff.net[2]
@@ -249,12 +254,15 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
         q, k, v = F.linear(normed, qkv_weights[i]).chunk(3, dim=-1)
         a = sdpa(_heads(q, attn1.heads), _heads(k, attn1.heads), _heads(v, attn1.heads))
         h, normed = residual_and_norm(fused, *in_out_matrix(attn1.to_out[0]), _merge_heads(a), h, block.norm2)
-        q = _heads(attn2.to_q(normed), attn2.heads)
-        a = sdpa(q, kv[2 * i], kv[2 * i + 1])
+        if folded:  # kv holds (A, B): `folded_cross`
+            weight, bias = None, attn2.to_out[0].bias
+            a = folded_cross.attend(normed, kv[2 * i], kv[2 * i + 1])
+        else:
+            weight, bias = in_out_matrix(attn2.to_out[0])
+            a = _merge_heads(sdpa(_heads(attn2.to_q(normed), attn2.heads), kv[2 * i], kv[2 * i + 1]))
         # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
         accumulate = residual_gemm.FEED_FORWARD
-        h, normed = residual_and_norm(fused, *in_out_matrix(attn2.to_out[0]), _merge_heads(a), h, block.norm3,
-                                      ff2.bias if accumulate else None)
+        h, normed = residual_and_norm(fused, weight, bias, a, h, block.norm3, ff2.bias if accumulate else None)
         g = geglu(normed, proj.weight, proj.bias)
         if accumulate:
             h = residual_gemm.accumulate_mm(h.reshape(-1, inner), g.reshape(-1, g.shape[-1]),
@@ -336,11 +344,16 @@ def time_table(net, resnets, timesteps: torch.Tensor) -> tuple[torch.Tensor, lis
 
 @torch.no_grad()
 def cross_attention_kv(transformers, context: torch.Tensor) -> list[torch.Tensor]:
-    """[K_0, V_0, K_1, V_1, ...] (2B, heads, 77, d) for every cross-attention, in transformer order."""
+    """[K_0, V_0, K_1, V_1, ...] (2B, heads, 77, d) for every cross-attention, in transformer order; with
+    `folded_cross.active()` the folded [A_0, B_0, A_1, B_1, ...] instead (`folded_cross.fold`)."""
     out = []
+    folded = folded_cross.active()
     for t in transformers:
         for block in t.transformer_blocks:
             a = block.attn2
+            if folded:
+                out.extend(folded_cross.fold(a, context))
+                continue
             out.append(_heads(a.to_k(context), a.heads).contiguous())
             out.append(_heads(a.to_v(context), a.heads).contiguous())
     return out

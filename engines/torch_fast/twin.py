@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import linear_norm, norm_matmul, residual_gemm, triton_conv, zero_convs
+from engines.torch_fast import folded_cross, linear_norm, norm_matmul, residual_gemm, triton_conv, zero_convs
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -201,7 +201,8 @@ class _TwinTransformer(nn.Module):
                 self.proj_out.weight, self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, kv: list[torch.Tensor], double_at_cross: bool = False) -> torch.Tensor:
-        """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first.
+        """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first, or the folded
+        [A, B] per block (`folded_cross.active()`).
 
         double_at_cross: x holds one copy of the CFG batch (G*B/2 images, cond = uncond), as the shared first
         ResNet pair leaves it; everything before the first cross-attention runs on that copy, and the rows are
@@ -231,6 +232,7 @@ class _TwinTransformer(nn.Module):
         def per_group(t):
             return t.reshape(GROUPS, -1, t.shape[-1])
 
+        folded = not fused and folded_cross.active()
         for i, block in enumerate(self.blocks):
             if not fused or i > 0:
                 normed = block.norm1(h)
@@ -238,15 +240,21 @@ class _TwinTransformer(nn.Module):
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
             h, normed = residual_and_norm(fused, block.out1.weight, block.out1.bias, per_group(_merge_heads(a)), h,
                                           block.norm2)
-            q = _heads(per_image(block.q2(normed)), block.heads)
+            if folded:  # kv holds (A, B) per image (`folded_cross`); a copy's rows serve both of its images
+                weight, a = None, folded_cross.attend(per_image(normed), kv[2 * i], kv[2 * i + 1])
+            else:
+                q = _heads(per_image(block.q2(normed)), block.heads)
             if double_at_cross and i == 0:
-                q, h, x = _double_images(q), _double_rows(h), _double_images(x)
+                h, x = _double_rows(h), _double_images(x)
                 residual = None if residual is None else _double_rows(residual)
                 n = 2 * n
-            a = sdpa(q, kv[2 * i], kv[2 * i + 1])
+                if not folded:
+                    q = _double_images(q)
+            if not folded:
+                weight, a = block.out2.weight, _merge_heads(sdpa(q, kv[2 * i], kv[2 * i + 1]))
             # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
             accumulate = residual_gemm.FEED_FORWARD
-            h, normed = residual_and_norm(fused, block.out2.weight, block.out2.bias, per_group(_merge_heads(a)), h,
+            h, normed = residual_and_norm(fused, weight, block.out2.bias, per_group(a), h,
                                           block.norm3, block.ff2.bias if accumulate else None)
             g = geglu(normed, block.ff1.weight, block.ff1.bias)
             h = residual_gemm.accumulate_mm(h, g, block.ff2.weight) if accumulate else block.ff2(g) + h
