@@ -79,3 +79,66 @@ def test_geglu_kernel_on_sd15_shapes(groups, rows, k, n_out):
     got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias)
     assert got.shape == ref.shape
     assert (got.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item() / 8)
+
+
+PREFIX_CHECK = r"""
+import sys
+import torch
+from engines.torch_fast.triton_geglu import geglu_linear_tma, reference
+groups, rows, k, n_out, ratio = (int(v) for v in sys.argv[1:])
+torch.manual_seed(0)
+lead = (2,) if groups == 0 else (groups,)
+x = torch.randn(*lead, rows, k).half()
+weight = (torch.randn(2 * n_out, k) if groups == 0 else torch.randn(groups, k, 2 * n_out)) / k ** 0.5
+bias = torch.randn(2 * n_out) if groups == 0 else torch.randn(groups, 2 * n_out)
+prefix = torch.randn(*lead, rows, n_out // ratio).half()
+got = geglu_linear_tma(x, weight.half(), bias.half(), config=(64, 128, 4, 2), prefix=prefix)
+ref = reference(x.float(), weight.half().float(), bias.half().float(), prefix.float())
+assert got.shape == ref.shape == (*lead, rows, n_out // ratio + n_out), (got.shape, ref.shape)
+assert torch.equal(got[..., : n_out // ratio], prefix)  # copied, not recomputed
+print((got.float() - ref).abs().max().item())
+"""
+
+
+@pytest.mark.parametrize("groups,rows,k,n_out,ratio", [
+    (0, 40, 64, 256, 4),   # Linear weight, rows that do not fill a block: [h (64), g (256)] as the step folds it
+    (2, 70, 128, 128, 4),  # stacked twin weights, tiles running past group 0's rows
+    (1, 64, 64, 256, 2),   # another width ratio
+])
+def test_geglu_prefix_rows_interpreted(groups, rows, k, n_out, ratio):
+    """The kernel writes [prefix, hidden * gelu(gate)] rows: what `residual_gemm.folds_feed_forward` feeds
+    proj_out's folded weight."""
+    out = run_interpreted(PREFIX_CHECK, [str(v) for v in (groups, rows, k, n_out, ratio)], timeout=900)
+    assert float(out.strip().splitlines()[-1]) < 2e-2
+
+
+def test_geglu_prefix_widths_are_checked():
+    from engines.torch_fast import triton_geglu
+
+    x, weight = torch.randn(2, 8, 64), torch.randn(512, 64)
+    assert triton_geglu.prefix_ratio(x, weight, torch.randn(2, 8, 64)) == 4
+    for bad in (torch.randn(2, 8, 48), torch.randn(2, 8, 4), torch.randn(2, 7, 64)):
+        with pytest.raises(ValueError, match="prefix"):
+            triton_geglu.prefix_ratio(x, weight, bad)
+    out = triton_geglu.geglu(x, weight, None, prefix=x)  # CPU: the reference, [prefix, GEGLU]
+    torch.testing.assert_close(out, torch.cat([x, triton_geglu.reference(x, weight, None)], dim=-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,rows,k,n_out", SD15_FF)
+def test_geglu_prefix_on_sd15_shapes(groups, rows, k, n_out):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from engines.torch_fast import triton_geglu
+
+    g = torch.Generator("cuda").manual_seed(0)
+    lead = (2,) if groups == 0 else (groups,)
+    x = torch.randn(*lead, rows, k, device="cuda", generator=g).half()
+    wshape = (2 * n_out, k) if groups == 0 else (groups, k, 2 * n_out)
+    weight = (torch.randn(*wshape, device="cuda", generator=g) / k ** 0.5).half()
+    bias = torch.randn(*wshape[:-2], 2 * n_out, device="cuda", generator=g).half()
+    prefix = torch.randn(*lead, rows, n_out // 4, device="cuda", generator=g).half()
+    ref = triton_geglu.reference(x.float(), weight.float(), bias.float(), prefix.float())
+    got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias, prefix)
+    assert got.shape == ref.shape and torch.equal(got[..., : n_out // 4], prefix)
+    assert (got.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item() / 8)

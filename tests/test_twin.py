@@ -98,3 +98,32 @@ def test_twin_with_swapped_convolutions_leaves_its_own_layers_unconverted(tiny_b
         with torch.no_grad():
             outs.append(runner.step(x, 7))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switch", ["FOLD_FF_PROJ_OUT", "folded_cross"])
+def test_folded_layers_equal_the_unfolded_step(tiny_bundle, tmp_path, monkeypatch, switch):
+    """The folds of this package change no function: the last ff2 inside proj_out (`residual_gemm.
+    folds_feed_forward`) and the cross-attention through per-prompt A / B (`folded_cross`), each against the step
+    built with it off (twin encoder and decoder both)."""
+    from engines.torch_fast import folded_cross, residual_gemm
+
+    profile = get_profile("256x384-fp32")
+    device = torch.device("cpu")
+    x, context, hint, scales = _step_inputs(tiny_bundle, profile, seed=5)
+    outs, folded = [], []
+    for on in (True, False):
+        if switch == "folded_cross":
+            monkeypatch.setattr(folded_cross, "ENABLED", on)
+        else:
+            monkeypatch.setattr(residual_gemm, switch, on)
+        compiler = PartCompiler(CompileMode.EAGER, tmp_path / str(on), {})
+        bundle = copy.deepcopy(tiny_bundle)
+        layers = _prepare_step_layers(bundle, profile, device, compiler, ConvKernels.CUDNN, StepLayout.TWIN)
+        runner = FastStepRunner(bundle, profile, device, compiler, layers.twin)
+        runner.prepare(context, hint, 7.5, scales)
+        folded.append(any(t.ff_out is not None for t in layers.twin.modules() if hasattr(t, "ff_out"))
+                      if switch != "folded_cross" else runner.twin_kv[0].dim() == 3)
+        with torch.no_grad():
+            outs.append(runner.step(x, 7))
+    assert folded == [True, False]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -225,12 +225,14 @@ def _prenorm_transformer(model, pre, x: torch.Tensor, kv: list[torch.Tensor]) ->
     return out.reshape(b, height, width, out.shape[-1]).permute(0, 3, 1, 2)
 
 
-def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pre=None) -> torch.Tensor:
+def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pre=None,
+                 ff_out: "torch.Tensor | None" = None) -> torch.Tensor:
     """Transformer2DModel (conv proj_in/out) of BasicTransformerBlocks; kv holds (K, V) per block, head-split.
 
     With pre (a `norm_matmul.PrenormTransformer`): the pre-norm form, `_prenorm_transformer`. Otherwise each
     projection that writes the residual stream (proj_in, both attention outputs) and the LayerNorm after it go
-    through `residual_and_norm`: one `linear_norm` kernel where it holds the width (opt-in)."""
+    through `residual_and_norm`: one `linear_norm` kernel where it holds the width (opt-in). ff_out (the model's
+    `feed_forward_out_weight`): the last ff2 runs inside proj_out (`residual_gemm.folds_feed_forward`)."""
     if pre is not None:
         return _prenorm_transformer(model, pre, x, kv)
     b, c, height, width = x.shape
@@ -263,15 +265,17 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
         # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
         accumulate = residual_gemm.FEED_FORWARD
         h, normed = residual_and_norm(fused, weight, bias, a, h, block.norm3, ff2.bias if accumulate else None)
-        g = geglu(normed, proj.weight, proj.bias)
-        if accumulate:
+        if ff_out is not None and i == len(blocks) - 1:
+            h = geglu(normed, proj.weight, proj.bias, prefix=h)  # [h, g] rows for proj_out's folded weight
+        elif accumulate:
+            g = geglu(normed, proj.weight, proj.bias)
             h = residual_gemm.accumulate_mm(h.reshape(-1, inner), g.reshape(-1, g.shape[-1]),
                                             ff2.weight.t()).reshape(h.shape)
         else:
-            h = ff2(g) + h
+            h = ff2(geglu(normed, proj.weight, proj.bias)) + h
     if residual_gemm.PROJ_OUT:
         weight, bias = in_out_matrix(model.proj_out)
-        out = residual_gemm.linear_plus_residual(h, weight, bias, _rows_of(residual))
+        out = residual_gemm.linear_plus_residual(h, weight if ff_out is None else ff_out, bias, _rows_of(residual))
         return out.reshape(b, height, width, out.shape[-1]).permute(0, 3, 1, 2)
     h = h.reshape(b, height, width, inner).permute(0, 3, 1, 2)
     return model.proj_out(h) + residual
@@ -298,6 +302,15 @@ def in_out_matrix(layer: nn.Module) -> "tuple[torch.Tensor, torch.Tensor | None]
     return weight, layer.bias
 
 
+@torch.no_grad()
+def feed_forward_out_weight(ff2: nn.Module, proj_out: nn.Module) -> torch.Tensor:
+    """[Wp; W2 Wp] (5C, C_out) in (in, out) layout: proj_out applied to h + ff2's product, for one GEMM over the
+    rows [h, g] (`residual_gemm.folds_feed_forward`). The product is formed in fp32 and rounded once."""
+    wp, _ = in_out_matrix(proj_out)
+    w2, _ = in_out_matrix(ff2)
+    return torch.cat([wp.float(), w2.float() @ wp.float()]).to(wp.dtype).contiguous()
+
+
 def _transformers_of(net) -> list:
     """Every Transformer2DModel of a UNet / ControlNet in execution order (down, mid, up)."""
     found = []
@@ -312,20 +325,32 @@ def _resnets_of(blocks) -> list:
 
 class _FusedQKV(nn.Module):
     """Concatenated to_q/to_k/to_v weights of every self-attention of the given transformers, in order.
-    `group(i)` gives the weights of the i-th transformer's blocks."""
+    `group(i)` gives the weights of the i-th transformer's blocks; `feed_forward_out(i)` its folded
+    `feed_forward_out_weight` where `residual_gemm.folds_feed_forward` holds (else None)."""
 
-    def __init__(self, transformers):
+    def __init__(self, transformers, fold_feed_forward: bool = False):
         super().__init__()
         self.weights = nn.ParameterList()
         self.groups: list[list[int]] = []
+        self.ff_out = nn.ParameterList()
+        self.ff_out_index: list["int | None"] = []
         for t in transformers:
             self.groups.append([])
             for block in t.transformer_blocks:
                 self.groups[-1].append(len(self.weights))
                 self.weights.append(nn.Parameter(fused_qkv_weight(block.attn1), requires_grad=False))
+            folded = fold_feed_forward and residual_gemm.folds_feed_forward(len(t.transformer_blocks))
+            self.ff_out_index.append(len(self.ff_out) if folded else None)
+            if folded:
+                weight = feed_forward_out_weight(t.transformer_blocks[-1].ff.net[2], t.proj_out)
+                self.ff_out.append(nn.Parameter(weight, requires_grad=False))
 
     def group(self, i: int) -> list[torch.Tensor]:
         return [self.weights[j] for j in self.groups[i]]
+
+    def feed_forward_out(self, i: int) -> "torch.Tensor | None":
+        j = self.ff_out_index[i]
+        return None if j is None else self.ff_out[j]
 
 
 # ---- per-step and per-prompt tables --------------------------------------------------------------------------------
@@ -467,7 +492,7 @@ class UNetDecoder(nn.Module):
         self.fused_indices = frozenset((fused or {}).keys())
         self.transformers = _transformers_of_up(unet)
         self.prenorm = prenorm_transformers(self.transformers)
-        self.qkv = _FusedQKV(self.transformers) if self.prenorm is None else None
+        self.qkv = _FusedQKV(self.transformers, fold_feed_forward=True) if self.prenorm is None else None
         self.resnets = _resnets_of(list(unet.up_blocks))
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
@@ -497,7 +522,8 @@ class UNetDecoder(nn.Module):
                     if self.prenorm is not None:
                         h = _transformer(attn, None, h, next(kvs), self.prenorm[t])
                     else:
-                        h = _transformer(attn, self.qkv.group(t), h, next(kvs))
+                        h = _transformer(attn, self.qkv.group(t), h, next(kvs),
+                                         ff_out=self.qkv.feed_forward_out(t))
             for up in block.upsamplers or []:
                 key = str(next(ups))
                 h = subpixel.upsample_conv(up, h, self.subpixel[key] if key in self.subpixel else None)

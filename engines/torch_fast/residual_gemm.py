@@ -22,6 +22,19 @@ from profiles.config import env_flag
 # 0: matmul, then a separate add, as before (A/B measurements)
 FEED_FORWARD = env_flag("CNRT_ACCUMULATE_FF", True)  # the feed-forward's second linear + h
 PROJ_OUT = env_flag("CNRT_ACCUMULATE_PROJ_OUT", True)  # proj_out + the transformer's input
+# The last block's ff2 folded into proj_out (`parts.feed_forward_out_weight`): one GEMM over [h, g] instead of two
+FOLD_FF_PROJ_OUT = env_flag("CNRT_FOLD_FF_PROJ_OUT", True)
+
+
+def folds_feed_forward(blocks: int) -> bool:
+    """Whether a transformer of `blocks` BasicTransformerBlocks runs its last ff2 inside proj_out: with both
+    accumulations on, and one block (SD1.5's), so that the pre-norm and block-loop forms stay as they are.
+
+    Why: nothing but a sum lies between the last ff2 and proj_out, so
+        proj_out(h + g W2) = [h, g] @ [Wp; W2 Wp]   (h carrying ff2's bias, as the accumulating form has it)
+    The GEGLU kernel writes g beside h ([h, g] rows, `triton_geglu.geglu(prefix=h)`) and one accumulating GEMM with
+    K = 5C replaces ff2's (K = 4C) and proj_out's (K = C): the same arithmetic, one launch fewer a transformer."""
+    return FOLD_FF_PROJ_OUT and FEED_FORWARD and PROJ_OUT and blocks == 1
 
 
 @torch.library.custom_op("cnrt::accumulate_mm", mutates_args=("c",))

@@ -93,18 +93,28 @@ if triton is not None:
         return tile
 
     @triton.jit
-    def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, s_bg, s_og, s_om,
-                          HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, prefix_ptr, M, N_OUT, K, s_bg, s_og, s_om, s_pg,
+                          s_pm, HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, PREFIX: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr = False):
         """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
         past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
-        stacked matrices) else the (2N, K) Linear weight."""
+        stacked matrices) else the (2N, K) Linear weight.
+        PREFIX > 0: each output row is [prefix row (N_OUT / PREFIX columns), hidden * gelu(gate)]; program (m, n)
+        copies its BLOCK_N / PREFIX columns of the prefix rows as well."""
         pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
         row0 = g * M + pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
+        if PREFIX > 0:
+            offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_p = pid_n * (BLOCK_N // PREFIX) + tl.arange(0, BLOCK_N // PREFIX)
+            r_ok = (offs_r < M)[:, None]
+            v = tl.load(prefix_ptr + g * s_pg + offs_r[:, None] * s_pm + offs_p[None, :], mask=r_ok)
+            tl.store(out_ptr + g * s_og + offs_r[:, None] * s_om + offs_p[None, :], v, mask=r_ok)
+            out_ptr += N_OUT // PREFIX
         acc_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -130,7 +140,7 @@ if triton is not None:
     _geglu_tma_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_tma_blocks)
                  for bm, bn, w, st in TMA_TILES],
-        key=["M", "N_OUT", "K", "W_KN"],
+        key=["M", "N_OUT", "K", "W_KN", "PREFIX"],
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
             c for c in configs if nargs["N_OUT"] % c.kwargs["BLOCK_N"] == 0]})(_geglu_tma_kernel)
 
@@ -142,15 +152,18 @@ def _as_groups(weight: torch.Tensor, bias: "torch.Tensor | None"):
     return weight, bias
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
+              prefix: "torch.Tensor | None" = None) -> torch.Tensor:
     """hidden * gelu(gate) for [hidden, gate] = x @ W (+ bias), in torch: the CPU path and the kernel's reference.
-    x (rows.., K) with a (2N, K) Linear weight, or (G, rows, K) with a stacked (G, K, 2N) one."""
+    x (rows.., K) with a (2N, K) Linear weight, or (G, rows, K) with a stacked (G, K, 2N) one. prefix (rows..,
+    P): the result is [prefix, hidden * gelu(gate)] along the last dimension."""
     if weight.dim() == 2:
         product = F.linear(x, weight, bias)
     else:
         product = torch.bmm(x, weight) + (0 if bias is None else bias[:, None, :])
     hidden, gate = product.chunk(2, dim=-1)
-    return hidden * F.gelu(gate)
+    out = hidden * F.gelu(gate)
+    return out if prefix is None else torch.cat([prefix.to(out.dtype), out], dim=-1)
 
 
 def output_width(weight: torch.Tensor) -> int:
@@ -193,13 +206,31 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
     return out.reshape(*x.shape[:-1], n_out)
 
 
+def prefix_ratio(x: torch.Tensor, weight: torch.Tensor, prefix: "torch.Tensor | None") -> int:
+    """N / P for a prefix of P columns (0 without one): a power of two of at most MIN_BLOCK_N / 2, so that every
+    config's BLOCK_N splits into whole prefix chunks of at least two columns. Raises on other prefixes."""
+    if prefix is None:
+        return 0
+    n_out, width = output_width(weight), prefix.shape[-1]
+    ratio = n_out // width if width else 0
+    if (prefix.shape[:-1] != x.shape[:-1] or not ratio or ratio * width != n_out or ratio & (ratio - 1)
+            or ratio > 64 // 2 or prefix.dtype != x.dtype):
+        raise ValueError(f"prefix {tuple(prefix.shape)} ({prefix.dtype}) cannot lead rows of {n_out} GEGLU columns "
+                         f"for x {tuple(x.shape)} ({x.dtype}): its width must be the output's divided by a power "
+                         "of two up to 32")
+    return ratio
+
+
 def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-                     config: "tuple[int, int, int, int] | None" = None) -> torch.Tensor:
+                     config: "tuple[int, int, int, int] | None" = None,
+                     prefix: "torch.Tensor | None" = None) -> torch.Tensor:
     """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; None
-    autotunes over TMA_TILES per shape (needs a GPU)."""
+    autotunes over TMA_TILES per shape (needs a GPU). prefix (x's rows, P): the output is [prefix, GEGLU] per row
+    (`prefix_ratio` says which widths P)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _require_fits(x, weight)
+    ratio = prefix_ratio(x, weight, prefix)
     block_m, block_n, warps, stages = config or (64, 64, 4, 4)  # autotuning resets the descriptors' blocks
     w_kn = weight.dim() == 3
     b = bias if bias is None or bias.dim() == 2 else bias[None]
@@ -210,18 +241,20 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     a_desc = TensorDescriptor.from_tensor(a.reshape(groups * m, k), [block_m, BLOCK_K])
     w_desc = (TensorDescriptor.from_tensor(weight.contiguous().reshape(groups * k, 2 * n_out), [BLOCK_K, block_n])
               if w_kn else TensorDescriptor.from_tensor(weight.contiguous(), [block_n, BLOCK_K]))
-    out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
-    args = (a_desc, w_desc, b if b is not None else out, out, m, n_out, k, 0 if b is None else b.stride(0),
-            out.stride(0), out.stride(1))
+    width = n_out + (n_out // ratio if ratio else 0)
+    out = torch.empty(groups, m, width, device=x.device, dtype=x.dtype)
+    p = out if prefix is None else prefix.reshape(groups, m, -1).contiguous()
+    args = (a_desc, w_desc, b if b is not None else out, out, p, m, n_out, k, 0 if b is None else b.stride(0),
+            out.stride(0), out.stride(1), p.stride(0), p.stride(1))
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
-        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_K=BLOCK_K,
+        _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_K=BLOCK_K,
                                **pdl.launch_args(x.device))
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
-            *args, HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-            num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
-    return out.reshape(*x.shape[:-1], n_out)
+            *args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+    return out.reshape(*x.shape[:-1], width)
 
 
 if triton is not None:
@@ -234,9 +267,25 @@ if triton is not None:
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], output_width(weight))
 
+    @torch.library.custom_op("cnrt::geglu_linear_prefixed", mutates_args=(), device_types="cuda")
+    def _geglu_prefixed_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           prefix: torch.Tensor) -> torch.Tensor:
+        return geglu_linear_tma(x, weight, bias, prefix=prefix)
 
-def geglu(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
-    """hidden * gelu(gate) of x's projection: the Triton kernel on CUDA where it tiles the shape, else torch."""
+    @_geglu_prefixed_op.register_fake
+    def _(x, weight, bias, prefix):
+        return x.new_empty(*x.shape[:-1], prefix.shape[-1] + output_width(weight))
+
+
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
+          prefix: "torch.Tensor | None" = None) -> torch.Tensor:
+    """hidden * gelu(gate) of x's projection: the Triton kernel on CUDA where it tiles the shape, else torch.
+    prefix (x's rows, P): [prefix, hidden * gelu(gate)] per row instead, written by the same kernel (TMA only)."""
     if ENABLED and triton is not None and x.is_cuda and fits(x, weight):
-        return torch.ops.cnrt.geglu_linear(x, weight, bias)
-    return reference(x, weight, bias)
+        if prefix is None:
+            return torch.ops.cnrt.geglu_linear(x, weight, bias)
+        if TMA:
+            prefix_ratio(x, weight, prefix)  # raises here, not inside the compiled graph
+            return torch.ops.cnrt.geglu_linear_prefixed(x, weight, bias, prefix)
+        return torch.cat([prefix, torch.ops.cnrt.geglu_linear(x, weight, bias)], dim=-1)
+    return reference(x, weight, bias, prefix)

@@ -23,8 +23,8 @@ from engines.torch_fast import folded_cross, linear_norm, norm_matmul, residual_
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
-                                      _transformers_of_up, fused_qkv_weight, group_norm_rows, in_out_matrix,
-                                      prenorm_form, residual_and_norm, stacked_group_norm)
+                                      _transformers_of_up, feed_forward_out_weight, fused_qkv_weight, group_norm_rows,
+                                      in_out_matrix, prenorm_form, residual_and_norm, stacked_group_norm)
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
 from engines.torch_fast.triton_conv import ConvConfig
@@ -190,6 +190,12 @@ class _TwinTransformer(nn.Module):
             block.ff1 = _TwinLinear((bu.ff.net[0].proj, bc.ff.net[0].proj), stack)
             block.ff2 = _TwinLinear((bu.ff.net[2], bc.ff.net[2]), stack)
             self.blocks.append(block)
+        # The last ff2 inside proj_out (`residual_gemm.folds_feed_forward`): [Wp; W2 Wp] per network
+        self.ff_out = None
+        if residual_gemm.folds_feed_forward(len(u.transformer_blocks)):
+            self.ff_out = stack(((u.transformer_blocks[-1].ff.net[2], u.proj_out),
+                                 (c.transformer_blocks[-1].ff.net[2], c.proj_out)),
+                                lambda pair: feed_forward_out_weight(*pair))
         # The pre-norm form (see `_prenorm_forward`): the stream starts without proj_in's bias.
         self.prenorm = None
         if prenorm_form():
@@ -256,13 +262,17 @@ class _TwinTransformer(nn.Module):
             accumulate = residual_gemm.FEED_FORWARD
             h, normed = residual_and_norm(fused, weight, block.out2.bias, per_group(a), h,
                                           block.norm3, block.ff2.bias if accumulate else None)
-            g = geglu(normed, block.ff1.weight, block.ff1.bias)
-            h = residual_gemm.accumulate_mm(h, g, block.ff2.weight) if accumulate else block.ff2(g) + h
-        if residual_gemm.PROJ_OUT:
-            if residual is None:
-                out = residual_gemm.linear_plus_residual(h, self.proj_out.weight, self.proj_out.bias, _to_rows(x))
+            if self.ff_out is not None and i == len(self.blocks) - 1:
+                h = geglu(normed, block.ff1.weight, block.ff1.bias, prefix=h)  # [h, g] rows for self.ff_out
             else:
-                out = residual_gemm.accumulate_mm(residual, h, self.proj_out.weight)
+                g = geglu(normed, block.ff1.weight, block.ff1.bias)
+                h = residual_gemm.accumulate_mm(h, g, block.ff2.weight) if accumulate else block.ff2(g) + h
+        if residual_gemm.PROJ_OUT:
+            weight = self.proj_out.weight if self.ff_out is None else self.ff_out
+            if residual is None:
+                out = residual_gemm.linear_plus_residual(h, weight, self.proj_out.bias, _to_rows(x))
+            else:
+                out = residual_gemm.accumulate_mm(residual, h, weight)
             return _from_rows(out, n, height, width)
         return _from_rows(self.proj_out(h), n, height, width) + x
 
