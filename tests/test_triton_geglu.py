@@ -62,22 +62,26 @@ SD15_FF = [(0, 1536, 320, 1280), (2, 3072, 320, 1280), (0, 384, 640, 2560), (2, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["plain", "prefix"])
 @pytest.mark.parametrize("groups,rows,k,n_out", SD15_FF)
-def test_geglu_kernel_on_sd15_shapes(groups, rows, k, n_out):
+def test_geglu_kernel_on_sd15_shapes(groups, rows, k, n_out, with_prefix):
+    """The operator inside torch.compile; with_prefix: the [h, g] rows the proj_out fold reads (h = N / 4 wide)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from engines.torch_fast import triton_geglu
 
     g = torch.Generator("cuda").manual_seed(0)
-    shape = (2, rows, k) if groups == 0 else (groups, rows, k)
-    x = torch.randn(*shape, device="cuda", generator=g).half()
+    lead = (2,) if groups == 0 else (groups,)
+    x = torch.randn(*lead, rows, k, device="cuda", generator=g).half()
     wshape = (2 * n_out, k) if groups == 0 else (groups, k, 2 * n_out)
     weight = (torch.randn(*wshape, device="cuda", generator=g) / k ** 0.5).half()
-    bias = torch.randn(*wshape[:-2], 2 * n_out, device="cuda", generator=g).half() if groups else \
-        torch.randn(2 * n_out, device="cuda", generator=g).half()
-    ref = triton_geglu.reference(x.float(), weight.float(), bias.float())
-    got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias)
+    bias = torch.randn(*wshape[:-2], 2 * n_out, device="cuda", generator=g).half()
+    prefix = torch.randn(*lead, rows, n_out // 4, device="cuda", generator=g).half() if with_prefix else None
+    ref = triton_geglu.reference(x.float(), weight.float(), bias.float(), None if prefix is None else prefix.float())
+    got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias, prefix)
     assert got.shape == ref.shape
+    if prefix is not None:
+        assert torch.equal(got[..., : n_out // 4], prefix)
     assert (got.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item() / 8)
 
 
@@ -123,22 +127,3 @@ def test_geglu_prefix_widths_are_checked():
     out = triton_geglu.geglu(x, weight, None, prefix=x)  # CPU: the reference, [prefix, GEGLU]
     torch.testing.assert_close(out, torch.cat([x, triton_geglu.reference(x, weight, None)], dim=-1))
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("groups,rows,k,n_out", SD15_FF)
-def test_geglu_prefix_on_sd15_shapes(groups, rows, k, n_out):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from engines.torch_fast import triton_geglu
-
-    g = torch.Generator("cuda").manual_seed(0)
-    lead = (2,) if groups == 0 else (groups,)
-    x = torch.randn(*lead, rows, k, device="cuda", generator=g).half()
-    wshape = (2 * n_out, k) if groups == 0 else (groups, k, 2 * n_out)
-    weight = (torch.randn(*wshape, device="cuda", generator=g) / k ** 0.5).half()
-    bias = torch.randn(*wshape[:-2], 2 * n_out, device="cuda", generator=g).half()
-    prefix = torch.randn(*lead, rows, n_out // 4, device="cuda", generator=g).half()
-    ref = triton_geglu.reference(x.float(), weight.float(), bias.float(), prefix.float())
-    got = torch.compile(triton_geglu.geglu, fullgraph=True)(x, weight, bias, prefix)
-    assert got.shape == ref.shape and torch.equal(got[..., : n_out // 4], prefix)
-    assert (got.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item() / 8)
