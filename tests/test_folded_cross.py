@@ -107,3 +107,21 @@ def test_scores_kernel_on_the_gpu(nx, nb, tokens, channels):
     ref = folded_cross.scores_reference(x.float(), a.float())
     assert (got.float() - ref).abs().max().item() < 2e-3
     assert torch.equal(torch.ops.cnrt.folded_cross_scores(x, a), got)  # deterministic
+
+
+def test_the_folds_are_part_of_the_artifact_key(monkeypatch):
+    """A compiled package of one form cannot run the other (its inputs are A / B or K / V): the manifest key
+    carries both folds, so switching either rebuilds."""
+    from engines.torch_fast import residual_gemm
+    from engines.torch_fast.runner import ConvKernels, StepLayout, step_settings
+
+    def settings():
+        return step_settings(ConvKernels.TUNED, StepLayout.TWIN, True)
+
+    default = settings()
+    assert default["folded_cross"] is True and default["folded_feed_forward"] is True
+    monkeypatch.setattr(folded_cross, "ENABLED", False)
+    assert settings() != default and settings()["folded_cross"] is False
+    monkeypatch.setattr(folded_cross, "ENABLED", True)
+    monkeypatch.setattr(residual_gemm, "FOLD_FF_PROJ_OUT", False)
+    assert settings() != default

@@ -26,7 +26,7 @@ from engines.torch_fast import pdl
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 14
+PARTS_VERSION = 15  # 15: folded cross-attention inputs (A, B) and the ff2 + proj_out fold
 
 
 JIT_CACHE = "inductor_cache.bin"

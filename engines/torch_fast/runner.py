@@ -24,7 +24,7 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key, device_artifact_dir
-from engines.torch_fast import conv_tuning, triton_conv
+from engines.torch_fast import conv_tuning, folded_cross, residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
 from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
@@ -298,6 +298,18 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     return layers
 
 
+def step_settings(kernels: ConvKernels, layout: StepLayout, fuse: bool) -> dict:
+    """The switches that shape the compiled step, for the artifacts' manifest key: saved parts built under other
+    settings are rebuilt, not loaded. The folds change the parts' inputs (per-prompt A / B instead of K / V) and
+    weights, so a package of one form cannot run the other."""
+    settings = dict(conv_kernels=kernels.value, conv_tuning=conv_tuning.TUNING_VERSION, step_layout=layout.value,
+                    fused_resnets=fuse, folded_cross=folded_cross.active(),
+                    folded_feed_forward=residual_gemm.FOLD_FF_PROJ_OUT)
+    if triton_conv.SPLIT_FIXUP:  # split configs are timed (and run) differently: their own tuning table
+        settings.update(split_fixup=True)
+    return settings
+
+
 def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.device, artifact_dir: Path,
                        compile_mode: str = "auto") -> EngineSet:
     artifact_dir = device_artifact_dir(artifact_dir, device)
@@ -313,10 +325,7 @@ def build_fast_engines(bundle: ModelBundle, profile: Profile, device: torch.devi
     layout = StepLayout.parse(os.environ.get("CNRT_STEP", "twin"))
     fuse = cuda and env_flag("CNRT_FUSE", True)
     key = artifact_key(profile.name, bundle.weights_id, device)
-    key.update(conv_kernels=kernels.value, conv_tuning=conv_tuning.TUNING_VERSION, step_layout=layout.value,
-               fused_resnets=fuse)
-    if triton_conv.SPLIT_FIXUP:  # split configs are timed (and run) differently: their own tuning table
-        key.update(split_fixup=True)
+    key.update(step_settings(kernels, layout, fuse))
     compiler = PartCompiler(mode, artifact_dir, key)
     layers = StepLayers()
     if kernels is not ConvKernels.CUDNN or layout is StepLayout.TWIN:
