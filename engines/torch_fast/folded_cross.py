@@ -16,6 +16,10 @@ and rounded once to fp16. Each head's 77 keys are padded to `KEYS_PADDED` = 80 =
 runs as two exact column blocks (no padded MMA work); the padded scores are masked out of the softmax and the padded
 rows of B are zero.
 
+Measured on an H100 (bench/NOTES.md, thirteenth session): loop 69.49 against 70.57 ms in one `bench.ab` call;
+per call (`python3 -m bench.folded_cross`) 87.4-87.8 us against 104.6-106.6 us over the step's seven shapes, with
+twin 32x48 the one shape not faster (its 8 x 80 score columns exceed C = 320 there).
+
 `attend` is what the step calls: the kernel as the operator cnrt::folded_cross_scores on CUDA (torch.compile keeps it
 whole), its torch reference elsewhere. CNRT_FOLDED_CROSS=0 runs the three-launch form (A/B measurements).
 """

@@ -33,7 +33,8 @@ def folds_feed_forward(blocks: int) -> bool:
     Why: nothing but a sum lies between the last ff2 and proj_out, so
         proj_out(h + g W2) = [h, g] @ [Wp; W2 Wp]   (h carrying ff2's bias, as the accumulating form has it)
     The GEGLU kernel writes g beside h ([h, g] rows, `triton_geglu.geglu(prefix=h)`) and one accumulating GEMM with
-    K = 5C replaces ff2's (K = 4C) and proj_out's (K = C): the same arithmetic, one launch fewer a transformer."""
+    K = 5C replaces ff2's (K = 4C) and proj_out's (K = C): the same arithmetic, one launch fewer a transformer.
+    H100 loop: 69.01 against 69.33 ms (bench/NOTES.md, thirteenth session)."""
     return FOLD_FF_PROJ_OUT and FEED_FORWARD and PROJ_OUT and blocks == 1
 
 
