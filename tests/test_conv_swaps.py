@@ -311,12 +311,43 @@ def test_tuning_table_measures_only_missing_shapes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(conv_tuning, "tune_all", fake_tune_all)
     a, b = ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2)
-    compiler = PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1})
-    assert set(_tuning_table([a], compiler).choices) == {a.key}
-    assert _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1})).choices.keys() == {a.key}
-    table = _tuning_table([a, b], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 1}))
+
+    def compiler(**key):
+        return PartCompiler(CompileMode.EAGER, tmp_path, {"gpu": "A", "parts_version": 1, **key})
+
+    assert set(_tuning_table([a], compiler()).choices) == {a.key}
+    assert _tuning_table([a], compiler()).choices.keys() == {a.key}
+    table = _tuning_table([a, b], compiler())
     assert measured == [a.key, b.key] and set(table.choices) == {a.key, b.key}
-    _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, {"k": 2}))  # another key: measured again
+    _tuning_table([a], compiler(gpu="B"))  # another GPU: measured again
+    assert measured == [a.key, b.key, a.key]
+
+
+def test_tuning_table_outlives_keys_it_does_not_depend_on(tmp_path, monkeypatch):
+    """A new parts version (or step layout, or fold) reuses the saved timings; the table is then recorded under the
+    new key, so a third key that differs from the first only outside the tuning fields reuses it as well."""
+    from engines.torch_fast import conv_tuning
+    from engines.torch_fast.compile import CompileMode, PartCompiler
+    from engines.torch_fast.conv_tuning import ConvShape
+    from engines.torch_fast.runner import _tuning_table
+
+    measured = []
+
+    def fake_tune_all(shapes):
+        measured.extend(s.key for s in shapes)
+        return TuningTable({s.key: ConvChoice("cudnn", None, 1.0, 1.0) for s in shapes})
+
+    monkeypatch.setattr(conv_tuning, "tune_all", fake_tune_all)
+    a, b = ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2)
+    base = {"gpu": "A", "conv_tuning": 3, "parts_version": 14}
+    _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, base))
+    newer = PartCompiler(CompileMode.EAGER, tmp_path, {**base, "parts_version": 15, "folded_cross": True})
+    assert set(_tuning_table([a, b], newer).choices) == {a.key, b.key}
+    assert measured == [a.key, b.key]  # only the shape the old table lacked
+    assert newer.manifest.artifacts["conv-tuning"].sha256  # recorded under the new key
+    again = PartCompiler(CompileMode.EAGER, tmp_path, {**base, "parts_version": 15, "folded_cross": True})
+    assert set(_tuning_table([a, b], again).choices) == {a.key, b.key} and measured == [a.key, b.key]
+    _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, {**base, "conv_tuning": 4}))  # a new tuner
     assert measured == [a.key, b.key, a.key]
 
 

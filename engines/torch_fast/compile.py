@@ -158,7 +158,9 @@ class PartCompiler:
         self.mode = mode
         self.artifact_dir = Path(artifact_dir)
         self.key = key
-        self.manifest = Manifest.load(self.artifact_dir)
+        # What the directory held before, whatever its key (`runner._tuning_table` may still use its table)
+        self.previous = Manifest.load(self.artifact_dir)
+        self.manifest = self.previous
         if self.manifest is None or self.manifest.key != key:
             self.manifest = Manifest(key)
         if mode in (CompileMode.JIT, CompileMode.AOTI):

@@ -189,11 +189,37 @@ class ConvKernels(str, enum.Enum):
         return parse_choice(cls, value, "convolution kernels (CNRT_CONV)")
 
 
+# The parts of the artifacts' key a convolution timing depends on. The rest (parts version, step layout, folds, fused
+# blocks) changes which shapes the step asks for or how it is compiled, not what a shape's kernels measure: a table
+# saved under another value of those is reused, and only shapes it lacks are measured.
+TUNING_KEY_FIELDS = ("profile", "versions", "gpu", "capability", "conv_kernels", "conv_tuning", "split_fixup")
+
+
+def _tuning_key(key: dict) -> dict:
+    return {name: key.get(name) for name in TUNING_KEY_FIELDS}
+
+
+def _saved_table_is_valid(compiler: PartCompiler) -> bool:
+    """Whether the directory's table may be used: fresh under the current key, or recorded under a key that
+    differs only outside TUNING_KEY_FIELDS (then it is recorded under the current key too)."""
+    directory = compiler.artifact_dir
+    if compiler.manifest.is_fresh(directory, compiler.key, ["conv-tuning"]):
+        return True
+    previous = compiler.previous
+    if (previous is None or _tuning_key(previous.key) != _tuning_key(compiler.key)
+            or not previous.is_fresh(directory, previous.key, ["conv-tuning"])):
+        return False
+    compiler.manifest.record(directory, "conv-tuning", directory / previous.artifacts["conv-tuning"].path)
+    compiler.manifest.save(directory)
+    return True
+
+
 def _tuning_table(shapes: list[ConvShape], compiler: PartCompiler) -> TuningTable:
-    """The saved table when it is fresh and has every shape; else the missing shapes are measured and added."""
+    """The saved table when it is valid (`_saved_table_is_valid`) and has every shape; else the missing shapes are
+    measured and added."""
     path = compiler.artifact_dir / conv_tuning.TABLE_FILE
     table = TuningTable()
-    if compiler.manifest.is_fresh(compiler.artifact_dir, compiler.key, ["conv-tuning"]):
+    if _saved_table_is_valid(compiler):
         table = TuningTable.load(path)
     missing = sorted({s for s in shapes if s.key not in table.choices}, key=lambda s: s.key)
     if not missing:
