@@ -39,12 +39,7 @@ def main() -> int:
         wo = (torch.randn(c, c, device=dev, generator=g) / c ** 0.5).to(dt)
         k = torch.randn(nb, HEADS, FC.TEXT_TOKENS, d, device=dev, generator=g).to(dt)
         v = torch.randn(nb, HEADS, FC.TEXT_TOKENS, d, device=dev, generator=g).to(dt)
-        scale = d ** -0.5
-        a = torch.einsum("hdc,bhkd->bchk", wq.float().reshape(HEADS, d, c), k.float()) * scale
-        a = torch.nn.functional.pad(a, (0, FC.KEYS_PADDED - FC.TEXT_TOKENS)).reshape(nb, c, -1).to(dt).contiguous()
-        b = torch.einsum("bhkd,ohd->bhko", v.float(), wo.float().reshape(c, HEADS, d))
-        b = torch.nn.functional.pad(b, (0, 0, 0, FC.KEYS_PADDED - FC.TEXT_TOKENS)).reshape(nb, -1, c).to(dt)
-        b = b.contiguous()
+        a, b = FC.fold_matrices(wq, wo, k, v, d ** -0.5)
 
         def plain(i):
             x = xs[i].repeat_interleave(nb // nx, dim=0)  # outside the timed call: the plain form doubles q instead

@@ -69,19 +69,24 @@ def fold(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ctx = context.float()
     k = _heads_first(F.linear(ctx, attn.to_k.weight.float()), heads)  # (NB, H, T, d)
     v = _heads_first(F.linear(ctx, attn.to_v.weight.float()), heads)
-    nb, _, tokens, d = k.shape
-    if tokens != TEXT_TOKENS:
-        raise ValueError(f"folded cross-attention expects {TEXT_TOKENS} text tokens, got {tokens}")
-    scale = getattr(attn, "scale", None) or 1.0 / math.sqrt(d)
-    wq = attn.to_q.weight.float()  # (H*d, C)
-    wo = attn.to_out[0].weight.float()  # (C_out, H*d)
-    a = torch.einsum("hdc,bhkd->bchk", wq.reshape(heads, d, wq.shape[1]), k) * scale  # (NB, C, H, T)
-    b = torch.einsum("bhkd,ohd->bhko", v, wo.reshape(wo.shape[0], heads, d))  # (NB, H, T, C_out)
+    if k.shape[2] != TEXT_TOKENS:
+        raise ValueError(f"folded cross-attention expects {TEXT_TOKENS} text tokens, got {k.shape[2]}")
+    scale = getattr(attn, "scale", None) or 1.0 / math.sqrt(k.shape[3])
+    return fold_matrices(attn.to_q.weight, attn.to_out[0].weight, k, v, scale)
+
+
+def fold_matrices(wq: torch.Tensor, wo: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of `fold`: (A, B) from the query weight wq (H*d, C), the output weight wo (C_out, H*d) and the
+    head-split keys / values k, v (NB, H, 77, d), formed in fp32 and rounded once to wq's dtype."""
+    nb, heads, tokens, d = k.shape
+    wq32, wo32 = wq.float(), wo.float()
+    a = torch.einsum("hdc,bhkd->bchk", wq32.reshape(heads, d, wq.shape[1]), k.float()) * scale  # (NB, C, H, T)
+    b = torch.einsum("bhkd,ohd->bhko", v.float(), wo32.reshape(wo.shape[0], heads, d))  # (NB, H, T, C_out)
     pad = KEYS_PADDED - tokens
     a = F.pad(a, (0, pad)).reshape(nb, wq.shape[1], heads * KEYS_PADDED)
     b = F.pad(b, (0, 0, 0, pad)).reshape(nb, heads * KEYS_PADDED, wo.shape[0])
-    dtype = attn.to_q.weight.dtype
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    return a.to(wq.dtype).contiguous(), b.to(wq.dtype).contiguous()
 
 
 def scores_reference(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
