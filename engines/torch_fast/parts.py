@@ -247,7 +247,7 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
         h = model.proj_in(group_norm(x, model.norm))
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, h.shape[1])
     inner = h.shape[-1]
-    folded = not fused and folded_cross.active()
+    folded = folded_cross.active()  # what `cross_attention_kv` asked too: kv holds (A, B)
     for i, block in enumerate(blocks):
         attn1, attn2 = block.attn1, block.attn2
         proj, ff2 = block.ff.net[0].proj, block.ff.net[2]

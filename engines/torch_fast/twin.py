@@ -238,7 +238,7 @@ class _TwinTransformer(nn.Module):
         def per_group(t):
             return t.reshape(GROUPS, -1, t.shape[-1])
 
-        folded = not fused and folded_cross.active()
+        folded = folded_cross.active()  # what `cross_attention_kv` asked too: kv holds (A, B)
         for i, block in enumerate(self.blocks):
             if not fused or i > 0:
                 normed = block.norm1(h)
@@ -246,18 +246,17 @@ class _TwinTransformer(nn.Module):
             a = sdpa(_heads(q, block.heads), _heads(k, block.heads), _heads(v, block.heads))
             h, normed = residual_and_norm(fused, block.out1.weight, block.out1.bias, per_group(_merge_heads(a)), h,
                                           block.norm2)
-            if folded:  # kv holds (A, B) per image (`folded_cross`); a copy's rows serve both of its images
-                weight, a = None, folded_cross.attend(per_image(normed), kv[2 * i], kv[2 * i + 1])
-            else:
-                q = _heads(per_image(block.q2(normed)), block.heads)
-            if double_at_cross and i == 0:
+            doubling = double_at_cross and i == 0
+            if doubling:
                 h, x = _double_rows(h), _double_images(x)
                 residual = None if residual is None else _double_rows(residual)
                 n = 2 * n
-                if not folded:
-                    q = _double_images(q)
-            if not folded:
-                weight, a = block.out2.weight, _merge_heads(sdpa(q, kv[2 * i], kv[2 * i + 1]))
+            if folded:  # per image (`folded_cross`); the copy's rows serve both CFG images where doubling
+                weight, a = None, folded_cross.attend(per_image(normed), kv[2 * i], kv[2 * i + 1])
+            else:  # the query projected on the copy, then doubled
+                q = _heads(per_image(block.q2(normed)), block.heads)
+                weight, a = block.out2.weight, _merge_heads(sdpa(_double_images(q) if doubling else q,
+                                                                 kv[2 * i], kv[2 * i + 1]))
             # With FEED_FORWARD, h comes back as h + ff2's bias: where ff2 accumulates its product
             accumulate = residual_gemm.FEED_FORWARD
             h, normed = residual_and_norm(fused, weight, block.out2.bias, per_group(a), h,
