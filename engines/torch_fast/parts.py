@@ -325,32 +325,29 @@ def _resnets_of(blocks) -> list:
 
 class _FusedQKV(nn.Module):
     """Concatenated to_q/to_k/to_v weights of every self-attention of the given transformers, in order.
-    `group(i)` gives the weights of the i-th transformer's blocks; `feed_forward_out(i)` its folded
-    `feed_forward_out_weight` where `residual_gemm.folds_feed_forward` holds (else None)."""
+    `group(i)` gives the weights of the i-th transformer's blocks."""
 
-    def __init__(self, transformers, fold_feed_forward: bool = False):
+    def __init__(self, transformers):
         super().__init__()
         self.weights = nn.ParameterList()
         self.groups: list[list[int]] = []
-        self.ff_out = nn.ParameterList()
-        self.ff_out_index: list["int | None"] = []
         for t in transformers:
             self.groups.append([])
             for block in t.transformer_blocks:
                 self.groups[-1].append(len(self.weights))
                 self.weights.append(nn.Parameter(fused_qkv_weight(block.attn1), requires_grad=False))
-            folded = fold_feed_forward and residual_gemm.folds_feed_forward(len(t.transformer_blocks))
-            self.ff_out_index.append(len(self.ff_out) if folded else None)
-            if folded:
-                weight = feed_forward_out_weight(t.transformer_blocks[-1].ff.net[2], t.proj_out)
-                self.ff_out.append(nn.Parameter(weight, requires_grad=False))
 
     def group(self, i: int) -> list[torch.Tensor]:
         return [self.weights[j] for j in self.groups[i]]
 
-    def feed_forward_out(self, i: int) -> "torch.Tensor | None":
-        j = self.ff_out_index[i]
-        return None if j is None else self.ff_out[j]
+
+def feed_forward_out_weights(transformers) -> nn.ParameterDict:
+    """{str(i): `feed_forward_out_weight`} for each transformer i whose last ff2 runs inside proj_out
+    (`residual_gemm.folds_feed_forward`)."""
+    return nn.ParameterDict({
+        str(i): nn.Parameter(feed_forward_out_weight(t.transformer_blocks[-1].ff.net[2], t.proj_out),
+                             requires_grad=False)
+        for i, t in enumerate(transformers) if residual_gemm.folds_feed_forward(len(t.transformer_blocks))})
 
 
 # ---- per-step and per-prompt tables --------------------------------------------------------------------------------
@@ -492,7 +489,8 @@ class UNetDecoder(nn.Module):
         self.fused_indices = frozenset((fused or {}).keys())
         self.transformers = _transformers_of_up(unet)
         self.prenorm = prenorm_transformers(self.transformers)
-        self.qkv = _FusedQKV(self.transformers, fold_feed_forward=True) if self.prenorm is None else None
+        self.qkv = _FusedQKV(self.transformers) if self.prenorm is None else None
+        self.ff_out = feed_forward_out_weights(self.transformers) if self.prenorm is None else nn.ParameterDict()
         self.resnets = _resnets_of(list(unet.up_blocks))
         self.kv_counts = _kv_counts(self.transformers)
         self.slices: list[tuple[int, int]] = []
@@ -523,7 +521,7 @@ class UNetDecoder(nn.Module):
                         h = _transformer(attn, None, h, next(kvs), self.prenorm[t])
                     else:
                         h = _transformer(attn, self.qkv.group(t), h, next(kvs),
-                                         ff_out=self.qkv.feed_forward_out(t))
+                                         ff_out=self.ff_out[str(t)] if str(t) in self.ff_out else None)
             for up in block.upsamplers or []:
                 key = str(next(ups))
                 h = subpixel.upsample_conv(up, h, self.subpixel[key] if key in self.subpixel else None)

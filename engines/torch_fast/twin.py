@@ -190,14 +190,9 @@ class _TwinTransformer(nn.Module):
             block.ff1 = _TwinLinear((bu.ff.net[0].proj, bc.ff.net[0].proj), stack)
             block.ff2 = _TwinLinear((bu.ff.net[2], bc.ff.net[2]), stack)
             self.blocks.append(block)
-        # The last ff2 inside proj_out (`residual_gemm.folds_feed_forward`): [Wp; W2 Wp] per network
-        self.ff_out = None
-        if residual_gemm.folds_feed_forward(len(u.transformer_blocks)):
-            self.ff_out = stack(((u.transformer_blocks[-1].ff.net[2], u.proj_out),
-                                 (c.transformer_blocks[-1].ff.net[2], c.proj_out)),
-                                lambda pair: feed_forward_out_weight(*pair))
-        # The pre-norm form (see `_prenorm_forward`): the stream starts without proj_in's bias.
-        self.prenorm = None
+        # Either the pre-norm form (see `_prenorm_forward`: the stream starts without proj_in's bias), or the last
+        # ff2 inside proj_out (`residual_gemm.folds_feed_forward`: [Wp; W2 Wp] per network)
+        self.prenorm = self.ff_out = None
         if prenorm_form():
             self.prenorm = norm_matmul.PrenormTransformer(
                 self.proj_in.bias,
@@ -205,6 +200,10 @@ class _TwinTransformer(nn.Module):
                   (blk.ff1.weight, blk.ff1.bias), (blk.out1.bias, blk.out2.bias, blk.ff2.bias))
                  for blk in self.blocks],
                 self.proj_out.weight, self.proj_out.bias)
+        elif residual_gemm.folds_feed_forward(len(u.transformer_blocks)):
+            self.ff_out = stack(((u.transformer_blocks[-1].ff.net[2], u.proj_out),
+                                 (c.transformer_blocks[-1].ff.net[2], c.proj_out)),
+                                lambda pair: feed_forward_out_weight(*pair))
 
     def forward(self, x: torch.Tensor, kv: list[torch.Tensor], double_at_cross: bool = False) -> torch.Tensor:
         """x (G*B, C, H, W); kv: [K, V] per block, (G*B, heads, 77, d) with the UNet's first, or the folded
