@@ -119,6 +119,8 @@ def test_geglu_prefix_rows_interpreted(groups, rows, k, n_out, ratio):
 def test_geglu_prefix_widths_are_checked():
     from engines.torch_fast import triton_geglu
 
+    if triton_geglu.triton is not None:  # the TMA tiles exist with Triton only
+        assert min(bn for _, bn, _, _ in triton_geglu.TMA_TILES) // triton_geglu.PREFIX_MAX_RATIO >= 2
     x, weight = torch.randn(2, 8, 64), torch.randn(512, 64)
     assert triton_geglu.prefix_ratio(x, weight, torch.randn(2, 8, 64)) == 4
     for bad in (torch.randn(2, 8, 48), torch.randn(2, 8, 4), torch.randn(2, 7, 64)):

@@ -32,6 +32,9 @@ except ImportError:  # CPU-only installs
 
 BLOCK_K = 64
 MIN_BLOCK_N = 128  # the output width must be a multiple of every config's BLOCK_N
+# The widest ratio N / P of a prefix (`prefix_ratio`): with the TMA tiles' smallest BLOCK_N, 64, every program still
+# copies at least two prefix columns
+PREFIX_MAX_RATIO = 32
 ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU (A/B measurements)
 TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
 
@@ -207,17 +210,17 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | No
 
 
 def prefix_ratio(x: torch.Tensor, weight: torch.Tensor, prefix: "torch.Tensor | None") -> int:
-    """N / P for a prefix of P columns (0 without one): a power of two of at most MIN_BLOCK_N / 2, so that every
+    """N / P for a prefix of P columns (0 without one): a power of two of at most PREFIX_MAX_RATIO, so that every
     config's BLOCK_N splits into whole prefix chunks of at least two columns. Raises on other prefixes."""
     if prefix is None:
         return 0
     n_out, width = output_width(weight), prefix.shape[-1]
     ratio = n_out // width if width else 0
     if (prefix.shape[:-1] != x.shape[:-1] or not ratio or ratio * width != n_out or ratio & (ratio - 1)
-            or ratio > 64 // 2 or prefix.dtype != x.dtype):
+            or ratio > PREFIX_MAX_RATIO or prefix.dtype != x.dtype):
         raise ValueError(f"prefix {tuple(prefix.shape)} ({prefix.dtype}) cannot lead rows of {n_out} GEGLU columns "
                          f"for x {tuple(x.shape)} ({x.dtype}): its width must be the output's divided by a power "
-                         "of two up to 32")
+                         f"of two up to {PREFIX_MAX_RATIO}")
     return ratio
 
 
