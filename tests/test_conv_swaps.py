@@ -296,21 +296,29 @@ def test_candidate_configs_all_divide_their_shape():
     assert candidate_configs(48, 64, 96, 3) == []
 
 
-def test_tuning_table_measures_only_missing_shapes(tmp_path, monkeypatch):
-    """A fresh table is reused; shapes it lacks (a new step layout, a new fused block) are measured and added."""
+@pytest.fixture
+def fake_tuner(monkeypatch):
+    """conv_tuning.tune_all replaced by a recorder (the real one times kernels on a GPU): the list of the shape keys
+    it was asked to measure, and two shapes (plain, and grouped as the twin's)."""
     from engines.torch_fast import conv_tuning
-    from engines.torch_fast.compile import CompileMode, PartCompiler
     from engines.torch_fast.conv_tuning import ConvShape
-    from engines.torch_fast.runner import _tuning_table
 
     measured = []
 
-    def fake_tune_all(shapes):  # the real one times kernels on a GPU
+    def fake_tune_all(shapes):
         measured.extend(s.key for s in shapes)
         return TuningTable({s.key: ConvChoice("cudnn", None, 1.0, 1.0) for s in shapes})
 
     monkeypatch.setattr(conv_tuning, "tune_all", fake_tune_all)
-    a, b = ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2)
+    return measured, (ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2))
+
+
+def test_tuning_table_measures_only_missing_shapes(tmp_path, fake_tuner):
+    """A fresh table is reused; shapes it lacks (a new step layout, a new fused block) are measured and added."""
+    from engines.torch_fast.compile import CompileMode, PartCompiler
+    from engines.torch_fast.runner import _tuning_table
+
+    measured, (a, b) = fake_tuner
 
     def compiler(**key):
         return PartCompiler(CompileMode.EAGER, tmp_path, {"gpu": "A", "parts_version": 1, **key})
@@ -323,22 +331,13 @@ def test_tuning_table_measures_only_missing_shapes(tmp_path, monkeypatch):
     assert measured == [a.key, b.key, a.key]
 
 
-def test_tuning_table_outlives_keys_it_does_not_depend_on(tmp_path, monkeypatch):
+def test_tuning_table_outlives_keys_it_does_not_depend_on(tmp_path, fake_tuner):
     """A new parts version (or step layout, or fold) reuses the saved timings; the table is then recorded under the
     new key, so a third key that differs from the first only outside the tuning fields reuses it as well."""
-    from engines.torch_fast import conv_tuning
     from engines.torch_fast.compile import CompileMode, PartCompiler
-    from engines.torch_fast.conv_tuning import ConvShape
     from engines.torch_fast.runner import _tuning_table
 
-    measured = []
-
-    def fake_tune_all(shapes):
-        measured.extend(s.key for s in shapes)
-        return TuningTable({s.key: ConvChoice("cudnn", None, 1.0, 1.0) for s in shapes})
-
-    monkeypatch.setattr(conv_tuning, "tune_all", fake_tune_all)
-    a, b = ConvShape(2, 64, 4, 6, 64, 3, 1, 1), ConvShape(1, 64, 4, 6, 64, 3, 1, 1, groups=2)
+    measured, (a, b) = fake_tuner
     base = {"gpu": "A", "conv_tuning": 3, "parts_version": 14}
     _tuning_table([a], PartCompiler(CompileMode.EAGER, tmp_path, base))
     newer = PartCompiler(CompileMode.EAGER, tmp_path, {**base, "parts_version": 15, "folded_cross": True})

@@ -100,29 +100,32 @@ def test_twin_with_swapped_convolutions_leaves_its_own_layers_unconverted(tiny_b
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("switch", ["FOLD_FF_PROJ_OUT", "folded_cross"])
-def test_folded_layers_equal_the_unfolded_step(tiny_bundle, tmp_path, monkeypatch, switch):
+@pytest.mark.parametrize("fold", ["feed_forward", "cross_attention"])
+def test_folded_layers_equal_the_unfolded_step(tiny_bundle, tmp_path, monkeypatch, fold):
     """The folds of this package change no function: the last ff2 inside proj_out (`residual_gemm.
     folds_feed_forward`) and the cross-attention through per-prompt A / B (`folded_cross`), each against the step
     built with it off (twin encoder and decoder both)."""
     from engines.torch_fast import folded_cross, residual_gemm
+
+    module, switch = (folded_cross, "ENABLED") if fold == "cross_attention" else (residual_gemm, "FOLD_FF_PROJ_OUT")
+
+    def is_folded(runner, twin) -> bool:
+        if fold == "cross_attention":
+            return runner.twin_kv[0].dim() == 3  # A (NB, C, H * 80), not K (NB, H, 77, d)
+        return any(getattr(t, "ff_out", None) is not None for t in twin.modules())
 
     profile = get_profile("256x384-fp32")
     device = torch.device("cpu")
     x, context, hint, scales = _step_inputs(tiny_bundle, profile, seed=5)
     outs, folded = [], []
     for on in (True, False):
-        if switch == "folded_cross":
-            monkeypatch.setattr(folded_cross, "ENABLED", on)
-        else:
-            monkeypatch.setattr(residual_gemm, switch, on)
+        monkeypatch.setattr(module, switch, on)
         compiler = PartCompiler(CompileMode.EAGER, tmp_path / str(on), {})
         bundle = copy.deepcopy(tiny_bundle)
         layers = _prepare_step_layers(bundle, profile, device, compiler, ConvKernels.CUDNN, StepLayout.TWIN)
         runner = FastStepRunner(bundle, profile, device, compiler, layers.twin)
         runner.prepare(context, hint, 7.5, scales)
-        folded.append(any(t.ff_out is not None for t in layers.twin.modules() if hasattr(t, "ff_out"))
-                      if switch != "folded_cross" else runner.twin_kv[0].dim() == 3)
+        folded.append(is_folded(runner, layers.twin))
         with torch.no_grad():
             outs.append(runner.step(x, 7))
     assert folded == [True, False]
