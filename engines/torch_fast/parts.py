@@ -28,6 +28,7 @@ from torch import nn
 from engines.torch_fast import folded_cross, linear_norm, norm_matmul, residual_gemm, subpixel
 from engines.torch_fast.triton_attention import sdpa
 from engines.torch_fast.triton_geglu import geglu
+from profiles.config import env_flag
 from scheduler.ddim import cfg_mix, ddim_update
 
 
@@ -281,6 +282,24 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
     return model.proj_out(h) + residual
 
 
+# 0: the decoder concatenates its skips with torch.cat(dim=1) (A/B measurements)
+CAT_CHANNELS_LAST = env_flag("CNRT_CAT_CHANNELS_LAST", True)
+
+
+def cat_channels(*maps: torch.Tensor) -> torch.Tensor:
+    """torch.cat(maps, dim=1) of (N, C_i, H, W) maps, built as (N, H, W, sum C_i) rows: channels_last memory.
+
+    Why: compiled, the decoder's torch.cat([h, skip + control], dim=1) of channels_last maps came out of Inductor as
+    a channel-major (NCHW) buffer (its layout is free, and the default is contiguous), written by a transposing
+    kernel. Every reader then paid for it: the group norm's statistics read each group's channels 3 KB apart (14.9
+    us at 32x48 against about 3 for a channels_last map) and its apply, which also makes the conv's input and the
+    shortcut's channels_last copy, transposed back (H100 sequence, bench/NOTES.md, fourteenth session). Concatenated
+    along the last dimension of NHWC views, the buffer is NHWC whatever the compiler picks."""
+    if not CAT_CHANNELS_LAST:
+        return torch.cat(maps, dim=1)
+    return torch.cat([m.permute(0, 2, 3, 1) for m in maps], dim=3).permute(0, 3, 1, 2)
+
+
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C): a view when x is channels_last."""
     b, c, height, width = x.shape
@@ -509,7 +528,7 @@ class UNetDecoder(nn.Module):
         for block in net.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for resnet, attn in zip(block.resnets, attns):
-                h = torch.cat([h, skips.pop()], dim=1)
+                h = cat_channels(h, skips.pop())
                 i, s = next(ts)
                 if i in self.fused_indices:
                     h = self.fused[str(i)](h, temb[s[0]:s[1]])

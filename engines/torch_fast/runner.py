@@ -216,7 +216,12 @@ def _saved_table_is_valid(compiler: PartCompiler) -> bool:
 
 def _tuning_table(shapes: list[ConvShape], compiler: PartCompiler) -> TuningTable:
     """The saved table when it is valid (`_saved_table_is_valid`) and has every shape; else the missing shapes are
-    measured and added."""
+    measured and added. CNRT_CONV_TABLE=FILE (for A/Bs of two tables on one machine) uses that table as it is,
+    outside the manifest; a shape it lacks runs on cuDNN."""
+    override = os.environ.get("CNRT_CONV_TABLE")
+    if override:
+        _log(f"convolution choices from {override} (CNRT_CONV_TABLE)")
+        return TuningTable.load(Path(override))
     path = compiler.artifact_dir / conv_tuning.TABLE_FILE
     table = TuningTable()
     if _saved_table_is_valid(compiler):
