@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import folded_cross, linear_norm, norm_matmul, residual_gemm, triton_conv, zero_convs
+from engines.torch_fast import folded_cross, linear_norm, norm_matmul, parts, residual_gemm, triton_conv, zero_convs
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -125,7 +125,15 @@ class _TwinConv(nn.Module):
 
 
 def _double_images(t: torch.Tensor) -> torch.Tensor:
-    """(G*B, ...) -> (G*2B, ...): each network's images twice, [copy, copy]: the CFG batch from one copy."""
+    """(G*B, ...) -> (G*2B, ...): each network's images twice, [copy, copy]: the CFG batch from one copy.
+
+    A channels_last map is doubled as (G, B, H, W, C) rows, so that the compiled buffer is channels_last too: as a
+    (G, B, C, H, W) concatenation Inductor stored the first state channel-major, and the zero convolutions' input
+    kernels transposed it back twice (`parts.cat_channels` has the measurement)."""
+    if t.dim() == 4 and parts.CAT_CHANNELS_LAST and t.is_contiguous(memory_format=torch.channels_last):
+        rows = t.permute(0, 2, 3, 1)
+        per_group = rows.reshape(GROUPS, -1, *rows.shape[1:])
+        return torch.cat([per_group, per_group], dim=1).reshape(-1, *rows.shape[1:]).permute(0, 3, 1, 2)
     per_group = t.reshape(GROUPS, -1, *t.shape[1:])
     return torch.cat([per_group, per_group], dim=1).reshape(-1, *t.shape[1:])
 
