@@ -104,7 +104,8 @@ def scores_reference(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
-    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
+    # their own names: Inductor re-emits a traced kernel's callees by name
+    from engines.torch_fast.pdl import pdl_begin, pdl_end
 
     @triton.jit
     def _folded_cross_scores_kernel(x_ptr, a_ptr, p_ptr, TOKENS, C, X_SHARE, KEYS: tl.constexpr,
@@ -140,6 +141,7 @@ if triton is not None:
                 a2 = tl.load(a_rows + offs_n2[None, :], mask=k_ok[:, None], other=0.0)
             acc = tl.dot(x, a, acc)
             acc2 = tl.dot(x, a2, acc2)
+        pdl_end(PDL)
         acc2 = tl.where((offs_n2 < KEYS)[None, :], acc2, float("-inf"))  # the padded keys
         row_max = tl.maximum(tl.max(acc, 1), tl.max(acc2, 1))
         log2e = 1.4426950408889634

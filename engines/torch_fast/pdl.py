@@ -36,6 +36,12 @@ except ImportError:
     triton = tl = None
 
 REQUESTED = env_flag("CNRT_PDL", True)
+# Where our kernels let the next kernel be scheduled: "end" (after their main loop, `pdl_end`; a kernel without that
+# call triggers as its programs exit) or "start" (right after their wait, as until the fourteenth session). H100 loop:
+# 66.97 ms at the end against 67.61 at the start, the same latent bytes (bench/NOTES.md, fourteenth session).
+TRIGGER = os.environ.get("CNRT_PDL_TRIGGER", "end")
+if TRIGGER not in ("start", "end"):
+    raise ValueError(f"CNRT_PDL_TRIGGER must be start or end, got {TRIGGER!r}")
 
 
 def enabled(device: torch.device) -> bool:
@@ -47,15 +53,27 @@ def enabled(device: torch.device) -> bool:
 def launch_args(device: torch.device) -> dict:
     """Keyword arguments for a launch of one of our kernels on `device`: the kernel's PDL switch and, only when on,
     the launch attribute (Dynamo rejects that keyword when it traces a launch: the direct path of `triton_conv`)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+    if not enabled(device):
+        return {"PDL": False}
+    return {"PDL": 1 if TRIGGER == "start" else 2, "launch_pdl": True}
 
 
 if triton is not None:
 
     @triton.jit
     def pdl_begin(PDL: tl.constexpr):
-        """A PDL kernel's first statement: wait until the kernel before has finished (its writes visible), then
-        let the next kernel be scheduled. Nothing without PDL."""
+        """A PDL kernel's first statement: wait until the kernel before has finished (its writes visible); with
+        PDL == 1 (trigger at the start) then let the next kernel be scheduled. Nothing without PDL."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+            if PDL == 1:
+                tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_end(PDL: tl.constexpr):
+        """With PDL == 2 (trigger at the end): let the next kernel be scheduled, after the main loop. Why later: a
+        kernel that triggers at its start has the next kernel's programs placed while it still holds the SMs, on the
+        few with room left. On an H100 the group-norm statistics after a 216-program, 8-warp 32x48 convolution then
+        took 19-20 us past its end, against 7 us after a 4-warp one (bench/NOTES.md, fourteenth session)."""
+        if PDL == 2:
             tl.extra.cuda.gdc_launch_dependents()

@@ -34,7 +34,8 @@ except ImportError:  # CPU-only installs
 VEC = 8  # elements in 16 bytes of fp16: head sizes and strides must be multiples of it
 
 if triton is not None:
-    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
+    # their own names: Inductor re-emits a traced kernel's callees by name
+    from engines.torch_fast.pdl import pdl_begin, pdl_end
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
@@ -94,6 +95,7 @@ if triton is not None:
                              mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
                 acc2 = tl.dot(p, v2, acc2 * alpha[:, None])
             m_i = m_new
+        pdl_end(PDL)
         o_rows = o_ptr + (b * so_b + h * so_h) * VEC + offs_m[:, None] * (so_t * VEC)
         tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])

@@ -73,7 +73,8 @@ def available() -> bool:
 
 
 if triton is not None:
-    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
+    # their own names: Inductor re-emits a traced kernel's callees by name
+    from engines.torch_fast.pdl import pdl_begin, pdl_end
 
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
@@ -155,6 +156,7 @@ if triton is not None:
                 b = tl.load(w_group + (kk * BLOCK_K + offs_k)[:, None] * COUT + offs_n[None, :],
                             mask=col_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc)
+        pdl_end(PDL)
         tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
         _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
                   tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS, HAS_RESIDUAL, FIXUP)
@@ -205,6 +207,7 @@ if triton is not None:
                 a = x2_desc.load([n_first, y0, x0, (kk - k_main) * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
                 b = w_desc.load([w_row0 + kk * BLOCK_K, n0])
                 acc = tl.dot(a, b, acc)
+        pdl_end(PDL)
         r = tl.arange(0, BLOCK_M)
         img = img0 + r // (BOX_H * BOX_W)
         oy = y0 + (r // BOX_W) % BOX_H

@@ -39,7 +39,8 @@ ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU 
 TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
 
 if triton is not None:
-    from engines.torch_fast.pdl import pdl_begin  # its own name: Inductor re-emits a traced kernel's callees by name
+    # their own names: Inductor re-emits a traced kernel's callees by name
+    from engines.torch_fast.pdl import pdl_begin, pdl_end
 
     def _configs():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -83,6 +84,7 @@ if triton is not None:
             acc_g = tl.dot(a, tl.load(h_ptrs + gate_offset), acc_g)
             a_ptrs += BLOCK_K
             h_ptrs += BLOCK_K * s_wk
+        pdl_end(PDL)
         _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
 
     @triton.jit
@@ -124,6 +126,7 @@ if triton is not None:
             a = a_desc.load([row0, k0])
             acc_h = tl.dot(a, _weight_tile(w_desc, g, K, k0, n0, W_KN), acc_h)
             acc_g = tl.dot(a, _weight_tile(w_desc, g, K, k0, N_OUT + n0, W_KN), acc_g)
+        pdl_end(PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
