@@ -67,41 +67,26 @@ SCORES_CHECK = r"""
 import sys
 import torch
 from engines.torch_fast import folded_cross
-from engines.torch_fast import triton_conv
-nx, nb, tokens, channels, heads, split = (int(v) for v in sys.argv[1:])
+nx, nb, tokens, channels, heads = (int(v) for v in sys.argv[1:])
 g = torch.Generator().manual_seed(0)
 x = torch.randn(nx, tokens, channels, generator=g).half()
 a = (torch.randn(nb, channels, heads * folded_cross.KEYS_PADDED, generator=g) / channels ** 0.5).half()
-got = folded_cross.scores(x, a, split=split)
+got = folded_cross.scores(x, a)
 ref = folded_cross.scores_reference(x.float(), a.float())
 assert got.shape == ref.shape and got.dtype == torch.float16, (got.shape, got.dtype)
-assert torch.equal(folded_cross.scores(x, a, split=split), got)  # split partials added in order, whoever is last
-assert all(int(c.abs().sum()) == 0 for c in triton_conv._counters.values())  # the counters are left at zero
 pad = got.reshape(nb, tokens, heads, folded_cross.KEYS_PADDED)[..., folded_cross.TEXT_TOKENS:]
 assert torch.all(pad == 0)
 print((got.float() - ref).abs().max().item())
 """
 
 
-@pytest.mark.parametrize("nx,nb,tokens,channels,heads,split", [
-    (2, 4, 24, 128, 2, 1),  # shared rows (X_SHARE 2), channels a multiple of BLOCK_K
-    (2, 2, 70, 96, 1, 1),   # a partial row block, channels not a multiple of BLOCK_K
-    (2, 4, 24, 256, 2, 4),  # the channels split over 4 programs, the last one adding the partials
-    (1, 2, 70, 128, 1, 2),  # a split with a partial row block
+@pytest.mark.parametrize("nx,nb,tokens,channels,heads", [
+    (2, 4, 24, 128, 2),  # shared rows (X_SHARE 2), channels a multiple of BLOCK_K
+    (2, 2, 70, 96, 1),   # a partial row block, channels not a multiple of BLOCK_K
 ])
-def test_scores_kernel_equals_reference_interpreted(nx, nb, tokens, channels, heads, split):
-    out = run_interpreted(SCORES_CHECK, [str(v) for v in (nx, nb, tokens, channels, heads, split)], timeout=600)
+def test_scores_kernel_equals_reference_interpreted(nx, nb, tokens, channels, heads):
+    out = run_interpreted(SCORES_CHECK, [str(v) for v in (nx, nb, tokens, channels, heads)], timeout=600)
     assert float(out.strip().splitlines()[-1]) < 2e-3
-
-
-def test_channel_split_fills_the_deep_levels_only():
-    """The step's grids: 8x12 / 4x6 (32-64 programs) split, 16x24 and 32x48 (96+ programs) do not; a split always
-    divides the channels into whole BLOCK_K steps."""
-    split = folded_cross.channel_split
-    assert split(32, 1280, max_split=4) == 4 and split(64, 1280, max_split=4) == 2
-    assert split(96, 640, max_split=4) == 1 and split(768, 320, max_split=4) == 1
-    assert split(8, 192, max_split=4) == 1  # 192 channels: 3 steps of 64 do not halve
-    assert split(32, 1280, max_split=1) == 1
 
 
 # (NX, NB, tokens, channels): the step's cross-attentions, twin (4 images, 2 of them sharing the first block's rows)

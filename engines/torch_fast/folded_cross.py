@@ -27,12 +27,11 @@ whole), its torch reference elsewhere. CNRT_FOLDED_CROSS=0 runs the three-launch
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from engines.torch_fast import linear_norm, norm_matmul, pdl, triton_conv
+from engines.torch_fast import linear_norm, norm_matmul, pdl
 from engines.torch_fast.triton_attention import head_blocks
 from profiles.config import env_flag
 
@@ -109,22 +108,17 @@ if triton is not None:
     from engines.torch_fast.pdl import pdl_begin, pdl_end
 
     @triton.jit
-    def _folded_cross_scores_kernel(x_ptr, a_ptr, p_ptr, ws_ptr, count_ptr, TOKENS, C, X_SHARE, C_SPLIT,
-                                    KEYS: tl.constexpr, HEADS: tl.constexpr, KP: tl.constexpr,
-                                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    BLOCK_N2: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                                    PDL: tl.constexpr = False):
+    def _folded_cross_scores_kernel(x_ptr, a_ptr, p_ptr, TOKENS, C, X_SHARE, KEYS: tl.constexpr,
+                                    HEADS: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+                                    EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
         # One program: BLOCK_M rows (tokens) of image b, one head; scores x A_h over C in BLOCK_K steps as two exact
         # column blocks (BLOCK_N + BLOCK_N2 = KP), then the softmax in registers and P_h in fp16. EVEN_K: C is a
         # multiple of BLOCK_K (every SD1.5 width), so no channel mask.
-        # SPLIT > 1: the channels split over SPLIT programs (C_SPLIT each); each stores its fp32 partial scores
-        # and the last of them to arrive (a counter per row block) adds the SPLIT partials in split order, so
-        # the sum does not depend on who finished last, resets the counter and runs the softmax.
         pdl_begin(PDL)
         pid_m = tl.program_id(0)
         head = tl.program_id(1)
-        b = tl.program_id(2) // SPLIT
-        part = tl.program_id(2) % SPLIT
+        b = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < TOKENS
         offs_k = tl.arange(0, BLOCK_K)
@@ -134,7 +128,7 @@ if triton is not None:
         a_cols = a_ptr + b.to(tl.int64) * C * (HEADS * KP) + head * KP
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N2], tl.float32)
-        for k0 in range(part * C_SPLIT, (part + 1) * C_SPLIT, BLOCK_K):
+        for k0 in range(0, C, BLOCK_K):
             a_rows = a_cols + (k0 + offs_k)[:, None] * (HEADS * KP)
             if EVEN_K:
                 x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
@@ -148,28 +142,6 @@ if triton is not None:
             acc = tl.dot(x, a, acc)
             acc2 = tl.dot(x, a2, acc2)
         pdl_end(PDL)
-        if SPLIT > 1:
-            block = (b * HEADS + head) * tl.num_programs(0) + pid_m  # this row block's counter and partials
-            rows = tl.arange(0, BLOCK_M)[:, None]
-            slots = ws_ptr + ((block * SPLIT) * BLOCK_M + rows) * KP
-            tl.store(slots + part * BLOCK_M * KP + offs_n[None, :], acc)
-            tl.store(slots + part * BLOCK_M * KP + offs_n2[None, :], acc2)
-            tl.debug_barrier()  # every thread's partial is stored before the arrival
-            if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == SPLIT - 1:
-                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                acc2 = tl.zeros([BLOCK_M, BLOCK_N2], tl.float32)
-                for i in tl.static_range(SPLIT):
-                    acc += tl.load(slots + i * BLOCK_M * KP + offs_n[None, :], cache_modifier=".cg")
-                    acc2 += tl.load(slots + i * BLOCK_M * KP + offs_n2[None, :], cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + block, 0, sem="relaxed")  # ready for the next launch
-                _scores_softmax(acc, acc2, p_ptr, b, head, offs_m, m_ok, offs_n, offs_n2, TOKENS, KEYS, HEADS, KP)
-        else:
-            _scores_softmax(acc, acc2, p_ptr, b, head, offs_m, m_ok, offs_n, offs_n2, TOKENS, KEYS, HEADS, KP)
-
-    @triton.jit
-    def _scores_softmax(acc, acc2, p_ptr, b, head, offs_m, m_ok, offs_n, offs_n2, TOKENS, KEYS: tl.constexpr,
-                        HEADS: tl.constexpr, KP: tl.constexpr):
-        """The scores kernel's end: the padded keys masked, the softmax per row and P_h stored in fp16."""
         acc2 = tl.where((offs_n2 < KEYS)[None, :], acc2, float("-inf"))  # the padded keys
         row_max = tl.maximum(tl.max(acc, 1), tl.max(acc2, 1))
         log2e = 1.4426950408889634
@@ -182,27 +154,12 @@ if triton is not None:
 
 
 BLOCK_M = 64  # rows a program; 64 beat 32 even at 24 tokens (`python3 -m bench.folded_cross`)
-# The channel split's largest factor (CNRT_FOLDED_CROSS_SPLIT=1: none) and the programs it aims for: at 8x12 and 4x6
-# the grid (row blocks x heads x images) is 32-64 programs, each streaming a 205 KB slice of A on its own.
-MAX_SPLIT = int(os.environ.get("CNRT_FOLDED_CROSS_SPLIT", 4))
-SPLIT_TARGET_PROGRAMS = 128
-
-
-def channel_split(programs: int, channels: int, block_k: int = BLOCK_K, max_split: "int | None" = None) -> int:
-    """How many programs share each row block's channels: the largest power of two up to max_split (MAX_SPLIT)
-    that keeps the grid at most SPLIT_TARGET_PROGRAMS and divides the channels into whole BLOCK_K steps."""
-    split = 1
-    limit = MAX_SPLIT if max_split is None else max_split
-    while (split * 2 <= limit and programs * split * 2 <= SPLIT_TARGET_PROGRAMS
-           and channels % (split * 2 * block_k) == 0):
-        split *= 2
-    return split
 
 
 def scores(x: torch.Tensor, a: torch.Tensor, block_m: int = BLOCK_M, num_warps: int = 4,
-           num_stages: int = 4, block_k: int = BLOCK_K, split: "int | None" = None) -> torch.Tensor:
+           num_stages: int = 4, block_k: int = BLOCK_K) -> torch.Tensor:
     """`scores_reference` by the Triton kernel: x (NX, T, C) and A (NB, C, H * KEYS_PADDED) of one dtype (fp16 /
-    bf16), NB a multiple of NX. split: programs per row block over the channels (default `channel_split`)."""
+    bf16), NB a multiple of NX."""
     if x.dim() != 3 or a.dim() != 3 or a.shape[1] != x.shape[2] or a.shape[2] % KEYS_PADDED:
         raise ValueError(f"scores: x (NX, T, C) and A (NB, C, H * {KEYS_PADDED}) expected, got {tuple(x.shape)} "
                          f"and {tuple(a.shape)}")
@@ -214,20 +171,11 @@ def scores(x: torch.Tensor, a: torch.Tensor, block_m: int = BLOCK_M, num_warps: 
     a = a.contiguous()
     block_n, block_n2 = head_blocks(KEYS_PADDED)
     p = torch.empty(nb, tokens, heads * KEYS_PADDED, device=x.device, dtype=x.dtype)
-    blocks = triton.cdiv(tokens, block_m) * heads * nb
-    if split is None:
-        split = channel_split(blocks, c, block_k)
-    if split > 1 and c % (split * block_k):
-        raise ValueError(f"scores: {c} channels do not split into {split} runs of {block_k}-channel steps")
-    ws = counts = p  # unread without a split
-    if split > 1:
-        ws = torch.empty(blocks * split * block_m * KEYS_PADDED, device=x.device, dtype=torch.float32)
-        counts = triton_conv._tile_counters(x.device, a, blocks)
-    grid = (triton.cdiv(tokens, block_m), heads, nb * split)
-    _folded_cross_scores_kernel[grid](x, a, p, ws, counts, tokens, c, nb // nx, c // split, KEYS=TEXT_TOKENS,
-                                      HEADS=heads, KP=KEYS_PADDED, BLOCK_M=block_m, BLOCK_K=block_k,
-                                      BLOCK_N=block_n, BLOCK_N2=block_n2, EVEN_K=c % block_k == 0, SPLIT=split,
-                                      num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(x.device))
+    grid = (triton.cdiv(tokens, block_m), heads, nb)
+    _folded_cross_scores_kernel[grid](x, a, p, tokens, c, nb // nx, KEYS=TEXT_TOKENS, HEADS=heads, KP=KEYS_PADDED,
+                                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_N2=block_n2,
+                                      EVEN_K=c % block_k == 0, num_warps=num_warps, num_stages=num_stages,
+                                      **pdl.launch_args(x.device))
     return p
 
 
