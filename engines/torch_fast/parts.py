@@ -294,7 +294,8 @@ def cat_channels(*maps: torch.Tensor) -> torch.Tensor:
     kernel. Every reader then paid for it: the group norm's statistics read each group's channels 3 KB apart (14.9
     us at 32x48 against about 3 for a channels_last map) and its apply, which also makes the conv's input and the
     shortcut's channels_last copy, transposed back (H100 sequence, bench/NOTES.md, fourteenth session). Concatenated
-    along the last dimension of NHWC views, the buffer is NHWC whatever the compiler picks."""
+    along the last dimension of NHWC views, the buffer is NHWC whatever the compiler picks. H100 loop: 67.89 against
+    69.43 ms with CNRT_CAT_CHANNELS_LAST=0."""
     if not CAT_CHANNELS_LAST:
         return torch.cat(maps, dim=1)
     return torch.cat([m.permute(0, 2, 3, 1) for m in maps], dim=3).permute(0, 3, 1, 2)
