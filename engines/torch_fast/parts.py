@@ -282,7 +282,8 @@ def _transformer(model, qkv_weights, x: torch.Tensor, kv: list[torch.Tensor], pr
     return model.proj_out(h) + residual
 
 
-# 0: the decoder concatenates its skips with torch.cat(dim=1) (A/B measurements)
+# 0: the decoder concatenates its skips, and the twin doubles its first state, with a dim-1 torch.cat (A/B
+# measurements)
 CAT_CHANNELS_LAST = env_flag("CNRT_CAT_CHANNELS_LAST", True)
 
 
@@ -292,7 +293,7 @@ def cat_channels(*maps: torch.Tensor) -> torch.Tensor:
     Why: compiled, the decoder's torch.cat([h, skip + control], dim=1) of channels_last maps came out of Inductor as
     a channel-major (NCHW) buffer (its layout is free, and the default is contiguous), written by a transposing
     kernel. Every reader then paid for it: the group norm's statistics read each group's channels 3 KB apart (14.9
-    us at 32x48 against about 3 for a channels_last map) and its apply, which also makes the conv's input and the
+    us at 32x48 for a 5.9 MB map) and its apply, which also makes the conv's input and the
     shortcut's channels_last copy, transposed back (H100 sequence, bench/NOTES.md, fourteenth session). Concatenated
     along the last dimension of NHWC views, the buffer is NHWC whatever the compiler picks. H100 loop: 67.89 against
     69.43 ms with CNRT_CAT_CHANNELS_LAST=0."""

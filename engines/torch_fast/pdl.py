@@ -73,9 +73,10 @@ if triton is not None:
 
     @triton.jit
     def pdl_end(PDL: tl.constexpr):
-        """With PDL == 2 (trigger at the end): let the next kernel be scheduled, after the main loop. Why later: a
-        kernel that triggers at its start has the next kernel's programs placed while it still holds the SMs, on the
-        few with room left. On an H100 the group-norm statistics after a 216-program, 8-warp 32x48 convolution then
-        took 19-20 us past its end, against 7 us after a 4-warp one (bench/NOTES.md, fourteenth session)."""
+        """With PDL == 2 (trigger at the end): let the next kernel be scheduled, after the main loop. Why later: with
+        the trigger at the start, the group-norm statistics after a 216-program, 8-warp 32x48 convolution ran 19-20
+        us past its end on an H100, against 7 us after a 4-warp one (the same kernel). Our reading: the next
+        kernel's programs are placed while this one still holds the SMs, only on those with room left, and then run
+        there (bench/NOTES.md, fourteenth session)."""
         if PDL == 2:
             tl.extra.cuda.gdc_launch_dependents()
