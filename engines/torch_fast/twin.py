@@ -131,9 +131,12 @@ def _double_images(t: torch.Tensor) -> torch.Tensor:
     (G, B, C, H, W) concatenation Inductor stored the first state channel-major, and the zero convolutions' input
     kernels transposed it back twice (`parts.cat_channels` has the measurement)."""
     if t.dim() == 4 and parts.CAT_CHANNELS_LAST and t.is_contiguous(memory_format=torch.channels_last):
-        rows = t.permute(0, 2, 3, 1)
-        per_group = rows.reshape(GROUPS, -1, *rows.shape[1:])
-        return torch.cat([per_group, per_group], dim=1).reshape(-1, *rows.shape[1:]).permute(0, 3, 1, 2)
+        return _repeat_per_group(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return _repeat_per_group(t)
+
+
+def _repeat_per_group(t: torch.Tensor) -> torch.Tensor:
+    """(G*B, ...) -> (G*2B, ...), [copy, copy] per network, in t's own dimension order."""
     per_group = t.reshape(GROUPS, -1, *t.shape[1:])
     return torch.cat([per_group, per_group], dim=1).reshape(-1, *t.shape[1:])
 
