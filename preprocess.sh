@@ -20,4 +20,11 @@ if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('open_clip'
   echo "[preprocess] installing open-clip-torch (for the CLIP BPE vocabulary)"
   "$PY" -m pip install -q --no-deps "open-clip-torch==3.3.0"
 fi
+if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+    && ! "$PY" -c "import cudnn" 2>/dev/null; then
+  # cuDNN's graph API for the convolution tuner; without it the tuner chooses among Triton and torch's cuDNN call.
+  echo "[preprocess] installing nvidia-cudnn-frontend (cuDNN graph-API convolutions)"
+  "$PY" -m pip install -q "nvidia-cudnn-frontend==1.16.0" \
+    || echo "[preprocess] nvidia-cudnn-frontend not installed: the tuner will not offer cuDNN graph-API configs"
+fi
 exec "$PY" -m engines.build "$@"

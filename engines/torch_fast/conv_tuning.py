@@ -2,13 +2,14 @@
 
 For every distinct 3x3 convolution of the step (input shape, Cout, stride) this times cuDNN against the Triton
 implicit-GEMM kernels (`triton_conv`: the gather kernel and, at stride 1, the TMA kernel) over their candidate
-configs, and records the fastest; a config whose result disagrees with cuDNN is skipped. A split-K config is
-timed with one reduction of its partial sums and no separate bias / residual / cast kernels: inside a compiled
-part those fuse into the reduction and its consumer (timing them eagerly, as before 2026-11-26, charged each split
-2-3 extra launches and steered the big-K 32x48 shapes away from the large tiles they need). Timing follows
-bench/METHOD: CUDA-graph replays of several calls over rotating weight and input copies (deep layers' weights are
-bigger than L2, as in the real step, which streams each weight once), median of 10 replays.
-The table is part of the compiled artifact: `build_fast_engines` tunes when no table matches the manifest key.
+configs and, for plain stride-1 shapes where the cudnn-frontend package is installed, against the engine configs of
+cuDNN's graph API (`cudnn_conv`), and records the fastest; a config whose result disagrees with cuDNN is skipped. A
+split-K config is timed with one reduction of its partial sums and no separate bias / residual / cast kernels:
+inside a compiled part those fuse into the reduction and its consumer (timing them eagerly, as before 2026-11-26,
+charged each split 2-3 extra launches and steered the big-K 32x48 shapes away from the large tiles they need).
+Timing follows bench/METHOD: CUDA-graph replays of several calls over rotating weight and input copies (deep layers'
+weights are bigger than L2, as in the real step, which streams each weight once), median of 10 replays. The table is
+part of the compiled artifact: `build_fast_engines` tunes when no table matches the manifest key.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from artifacts import atomic_file
-from engines.torch_fast import triton_conv
+from engines.torch_fast import cudnn_conv, triton_conv
 from engines.torch_fast.triton_conv import ConvConfig
 
 TABLE_FILE = "conv_tuning.json"
 # Bump when what is timed or the search space changes: part of the artifact key, so old tables are re-measured.
-TUNING_VERSION = 3  # 3: the TMA kernel's configs joined the search (2026-11-26, session 6)
+TUNING_VERSION = 4  # 3: the TMA kernel's configs joined (session 6); 4: cuDNN graph-API configs joined (session 15)
 _ROTATE = 3
 _REPEAT = 4
 # A Triton config whose result is further than this from cuDNN's (relative L2) is never chosen: correct configs
 # land near 1e-4; 8-warp TMA configs with the shortcut loop gave 6.5e-3 to 1.5e-2 (triton_conv)
 MAX_RELATIVE_ERROR = 2e-3
+# cuDNN graph-API engine configs timed per shape (the heuristics' ranking first; 119 were offered for each 32x48 and
+# 16x24 shape on an H200, and the best of the first 24 won by up to 35%: bench/NOTES.md, session 15)
+GRAPH_API_PLANS = 64
 _KEY = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)->(\d+) k(\d+) s(\d+) p(\d+)(?: g(\d+))?(?: \+1x1\((\d+)\))?")
 
 
@@ -81,19 +85,23 @@ class ConvShape:
 
 @dataclass
 class ConvChoice:
-    backend: str  # "triton" or "cudnn"
+    backend: str  # "triton", "cudnn" (torch's call) or "cudnn_graph" (cuDNN graph API, engine config `plan`)
     config: "ConvConfig | None"
     cudnn_us: float
     best_us: float
+    plan: "str | None" = None
 
     def as_dict(self) -> dict:
-        return {"backend": self.backend, "config": None if self.config is None else self.config.as_dict(),
-                "cudnn_us": self.cudnn_us, "best_us": self.best_us}
+        d = {"backend": self.backend, "config": None if self.config is None else self.config.as_dict(),
+             "cudnn_us": self.cudnn_us, "best_us": self.best_us}
+        if self.plan is not None:
+            d["plan"] = self.plan
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ConvChoice":
         return cls(d["backend"], None if d["config"] is None else ConvConfig(**d["config"]), d["cudnn_us"],
-                   d["best_us"])
+                   d["best_us"], d.get("plan"))
 
 
 @dataclass
@@ -112,8 +120,9 @@ class TuningTable:
         cudnn = sum(c.cudnn_us for c in self.choices.values())
         best = sum(c.best_us for c in self.choices.values())
         n_triton = sum(c.backend == "triton" for c in self.choices.values())
-        return (f"{n_triton}/{len(self.choices)} conv shapes on Triton; one call of each: {cudnn:.0f} us with "
-                f"cuDNN -> {best:.0f} us")
+        n_graph = sum(c.backend == "cudnn_graph" for c in self.choices.values())
+        return (f"{n_triton}/{len(self.choices)} conv shapes on Triton, {n_graph} on cuDNN graph-API configs; one "
+                f"call of each: {cudnn:.0f} us with cuDNN -> {best:.0f} us")
 
 
 def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int = _ROTATE,
@@ -201,6 +210,55 @@ def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: 
                                    groups=s.groups, shortcut=t.x2s[i], sum_only=sum_only)
 
 
+def graph_api_candidate(s: ConvShape) -> bool:
+    """Shapes whose cuDNN graph-API configs are timed: 3x3 'same' convolutions with one weight (no twin groups, no
+    fused shortcut), channel counts cuDNN's tensor-core engines take. In the step these are the decoder's conv1s
+    (`FusedResnet`) and its 8x12 / 4x6 ones; the 2x2 upsampler convolutions are left out."""
+    return (cudnn_conv.available() and s.groups == 1 and not s.shortcut and s.stride == 1 and s.kernel == 3
+            and s.padding == 1 and s.c % 8 == 0 and s.cout % 8 == 0)
+
+
+def graph_api_weights(t: ConvInputs) -> list:
+    """The rotating weight copies as the graph API reads them: (Cout, Cin, k, k), channels_last (KRSC)."""
+    return [w[0].contiguous(memory_format=torch.channels_last) for w in t.ws]
+
+
+def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str) -> torch.Tensor:
+    return cudnn_conv.run(t.xs[i], weights[i], s.padding, plan)
+
+
+def tune_graph_api(s: ConvShape, t: ConvInputs, best: "ConvChoice", max_plans: int = GRAPH_API_PLANS
+                   ) -> "ConvChoice":
+    """`best`, or a faster cuDNN graph-API engine config: each of the first max_plans the heuristics rank is
+    built, checked against torch's cuDNN call (without the bias: these configs leave it to the consumer) and for
+    bitwise repeatability (the same call twice must give the same bytes), and timed."""
+    weights = graph_api_weights(t)
+    ref = F.conv2d(t.xs[0], t.ws[0][0], None, s.stride, s.padding).float()
+    names = cudnn_conv.plan_names(t.xs[0], weights[0], s.padding)[:max_plans]
+    wrong = 0
+    for plan in names:
+        try:
+            first = graph_api_call(s, t, weights, 0, plan)
+            again = graph_api_call(s, t, weights, 0, plan)
+        except Exception as e:  # noqa: BLE001  (a config this GPU cannot build or run)
+            print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: {type(e).__name__}: {str(e)[:100]}",
+                  file=sys.stderr)
+            continue
+        if not torch.equal(first, again):
+            print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: not repeatable", file=sys.stderr)
+            continue
+        if not relative_error(first, ref) < MAX_RELATIVE_ERROR:
+            wrong += 1
+            continue
+        us = graph_time_us(lambda i, plan=plan: lambda: graph_api_call(s, t, weights, i, plan))
+        if us < best.best_us:
+            best = ConvChoice("cudnn_graph", None, best.cudnn_us, us, plan)
+    if wrong:
+        print(f"[conv-tuning] {s.key}: {wrong} of {len(names)} cuDNN graph-API configs skipped (relative error over "
+              f"{MAX_RELATIVE_ERROR:g} against torch's cuDNN call)", file=sys.stderr)
+    return best
+
+
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     got = got.float()
     return ((got - ref).norm() / ref.norm()).item()
@@ -229,7 +287,27 @@ def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool
         us = graph_time_us(lambda i, cfg=cfg: lambda: triton_call(s, t, i, cfg))
         if us < best.best_us:
             best = ConvChoice("triton", cfg, cudnn_us, us)
+    if graph_api_candidate(s):
+        best = tune_graph_api(s, t, best)
     return best
+
+
+@torch.no_grad()
+def add_graph_api_choices(table: TuningTable, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+                          ) -> TuningTable:
+    """A copy of a table tuned without the cuDNN graph API (TUNING_VERSION 3) with its graph-API configs timed for
+    every shape `graph_api_candidate` takes, as `tune_shape` times them: what a full re-tune would record, since
+    the other candidates' search is unchanged."""
+    out = TuningTable(dict(table.choices))
+    for key, choice in sorted(table.choices.items()):
+        s = ConvShape.from_key(key)
+        if not graph_api_candidate(s):
+            continue
+        best = tune_graph_api(s, conv_inputs(s), choice)
+        out.choices[key] = best
+        log(f"[conv-tuning] {key}: {choice.backend} {choice.best_us:.1f} us -> {best.backend} {best.best_us:.1f} us"
+            f"{' ' + best.plan if best.plan else ''}")
+    return out
 
 
 def tune_all(shapes: list[ConvShape], log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
@@ -239,7 +317,7 @@ def tune_all(shapes: list[ConvShape], log: Callable[[str], None] = lambda m: pri
     for i, shape in enumerate(sorted(set(shapes), key=lambda s: s.key)):
         choice = tune_shape(shape)
         table.choices[shape.key] = choice
-        cfg = "" if choice.config is None else f" {choice.config}"
+        cfg = f" {choice.plan}" if choice.plan else ("" if choice.config is None else f" {choice.config}")
         log(f"[conv-tuning] {i + 1}: {shape.key}: cuDNN {choice.cudnn_us:.1f} us, best {choice.backend} "
             f"{choice.best_us:.1f} us{cfg}")
     log(f"[conv-tuning] {table.summary()} ({time.perf_counter() - start:.0f} s)")

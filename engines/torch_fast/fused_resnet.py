@@ -6,6 +6,8 @@ Why: compiled by Inductor, a ResNet block of the step is about seven kernels: Gr
 
     GN1 + SiLU                      Inductor (statistics + apply)
     conv1 + (bias + temb)           one kernel; bias + temb is a row of the time table (see `fold_conv1_bias`)
+                                    (or, where the tuner chose a cuDNN graph-API config, that convolution and
+                                    the row added by Inductor in the next kernel)
     GN2 + SiLU                      Inductor
     conv2 + shortcut + residual     one kernel: the 1x1 shortcut's weights are extra K rows of conv2's GEMM
                                     (`triton_conv`), or the identity residual is added in its epilogue
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_conv
+from engines.torch_fast import cudnn_conv, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.parts import stacked_group_norm
 from engines.torch_fast.triton_conv import ConvConfig
@@ -56,9 +58,10 @@ def fused_conv2_shape(block, input_shapes: dict, groups: int = 1) -> ConvShape:
 class FusedResnet(nn.Module):
     """blocks: one ResnetBlock2D, or a (UNet, ControlNet) pair run as groups over the two halves of the batch.
 
-    forward(x, conv1_bias): conv1_bias is conv1.bias + time_emb_proj(silu(emb)), (C,) or (groups, C)."""
+    forward(x, conv1_bias): conv1_bias is conv1.bias + time_emb_proj(silu(emb)), (C,) or (groups, C).
+    conv1_config: a Triton config, or the name of a cuDNN graph-API engine config (one block only)."""
 
-    def __init__(self, blocks: tuple, conv1_config: ConvConfig, conv2_config: ConvConfig):
+    def __init__(self, blocks: tuple, conv1_config: "ConvConfig | str", conv2_config: ConvConfig):
         super().__init__()
         if not all(can_fuse(b) for b in blocks):
             raise ValueError("FusedResnet needs plain SD ResNet blocks (see can_fuse)")
@@ -78,7 +81,14 @@ class FusedResnet(nn.Module):
         self.norm1_bias = stacked(lambda b: b.norm1.bias)
         self.norm2_weight = stacked(lambda b: b.norm2.weight)
         self.norm2_bias = stacked(lambda b: b.norm2.bias)
-        self.conv1_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv1.weight))
+        self.conv1_plan = conv1_config if isinstance(conv1_config, str) else None
+        if self.conv1_plan is not None:
+            if self.groups != 1:
+                raise ValueError("a cuDNN graph-API conv1 runs one block, not a twin pair")
+            self.conv1_weight = nn.Parameter(first.conv1.weight.detach().contiguous(memory_format=torch.channels_last),
+                                             requires_grad=False)  # cuDNN's KRSC
+        else:
+            self.conv1_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv1.weight))
         sc = (lambda b: b.conv_shortcut.weight) if self.has_shortcut else (lambda b: None)
         self.conv2_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv2.weight, sc(b)))
         self.conv2_bias = stacked(lambda b: b.conv2.bias + (b.conv_shortcut.bias if self.has_shortcut
@@ -86,7 +96,11 @@ class FusedResnet(nn.Module):
 
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
         h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
-        h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
+        if self.conv1_plan is not None:
+            h = cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan)
+            h = (h.float() + conv1_bias.float().reshape(1, -1, 1, 1)).to(x.dtype)
+        else:
+            h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
         h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
@@ -94,13 +108,16 @@ class FusedResnet(nn.Module):
 
 
 def fused_if_tuned(blocks: tuple, input_shapes: dict,
-                   conv_config: Callable[[ConvShape], "ConvConfig | None"]) -> "FusedResnet | None":
+                   conv_config: Callable[[ConvShape], "ConvConfig | None"],
+                   graph_plan: Callable[[ConvShape], "str | None"] = lambda shape: None) -> "FusedResnet | None":
     """A FusedResnet for one block (or a twin pair, run as len(blocks) groups) when the blocks can be fused and the
-    tuning table put both of its convolutions on Triton (conv_config gives None otherwise); else None."""
+    tuning table put both of its convolutions on Triton (conv_config gives None otherwise), or, for one block,
+    conv1 on a cuDNN graph-API config (graph_plan gives its name); else None."""
     if not all(can_fuse(b) for b in blocks):
         return None
     first, groups = blocks[0], len(blocks)
-    conv1 = conv_config(ConvShape.of(first.conv1, input_shapes[first.conv1], groups))
+    shape1 = ConvShape.of(first.conv1, input_shapes[first.conv1], groups)
+    conv1 = conv_config(shape1) or (graph_plan(shape1) if groups == 1 else None)
     conv2 = conv_config(fused_conv2_shape(first, input_shapes, groups))
     return None if conv1 is None or conv2 is None else FusedResnet(blocks, conv1, conv2)
 

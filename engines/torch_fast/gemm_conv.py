@@ -6,8 +6,10 @@ H200 (bench/NOTES.md, `python3 -m bench.layer_shapes`):
   `GemmConv2d` does that (and, for kxk, im2col + matmul, kept for experiments: its gather kernel cost more in the
   whole step than the matmul saved).
 - 3x3 convolutions: the Triton implicit-GEMM kernel (`triton_conv`), with per-shape tiles and split-K chosen by
-  `conv_tuning`, where it beat cuDNN. `TritonConv2d` runs it.
-Both compute exactly Conv2d's function with the same weights, reordered once into (kh*kw*Cin, Cout).
+  `conv_tuning`, where it beat cuDNN. `TritonConv2d` runs it. Where one of cuDNN's graph-API engine configs won
+  the tuning instead, `CudnnGraphConv2d` runs that config (`cudnn_conv`).
+All compute exactly Conv2d's function with the same weights (reordered once into (kh*kw*Cin, Cout) for the Triton
+and GEMM layers, KRSC for cuDNN).
 `convert_convolutions` swaps them in, using input sizes recorded from one forward pass.
 """
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import triton_conv
+from engines.torch_fast import cudnn_conv, triton_conv
 from engines.torch_fast.triton_conv import ConvConfig
 
 
@@ -83,6 +85,30 @@ class TritonConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, stride={self.stride}, "
                 f"padding={self.padding}, {self.config}")
+
+
+class CudnnGraphConv2d(nn.Module):
+    """A square-kernel stride-1 Conv2d on one cuDNN graph-API engine config; its bias is added after (in fp32,
+    one rounding), where torch.compile fuses it into the next kernel."""
+
+    def __init__(self, conv: nn.Conv2d, plan: str):
+        super().__init__()
+        _check_plain(conv)
+        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride != (1, 1) or conv.padding[0] != conv.padding[1]:
+            raise ValueError(f"CudnnGraphConv2d needs a square kernel and padding, stride 1: {conv}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel, self.padding, self.plan = conv.kernel_size[0], conv.padding[0], plan
+        self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last),
+                                   requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cudnn_conv.conv2d(x, self.weight, self.padding, self.plan)
+        return y if self.bias is None else (y.float() + self.bias.float().reshape(1, -1, 1, 1)).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, padding={self.padding}, "
+                f"cuDNN {self.plan}")
 
 
 def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: tuple[int, int],

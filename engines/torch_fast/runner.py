@@ -24,10 +24,10 @@ import torch
 from engines.base import EngineSet
 from engines.torch_eager import torch_engine_set
 from engines.torch_fast.compile import CompileMode, PartCompiler, artifact_key, device_artifact_dir
-from engines.torch_fast import conv_tuning, folded_cross, residual_gemm, triton_conv
+from engines.torch_fast import conv_tuning, cudnn_conv, folded_cross, residual_gemm, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape, TuningTable
 from engines.torch_fast.fused_resnet import FusedResnet, can_fuse, fold_conv1_bias, fused_conv2_shape, fused_if_tuned
-from engines.torch_fast.gemm_conv import (TritonConv2d, convert_convolutions, pointwise_as_matmul,
+from engines.torch_fast.gemm_conv import (CudnnGraphConv2d, TritonConv2d, convert_convolutions, pointwise_as_matmul,
                                           record_input_sizes, triton_candidate)
 from engines.torch_fast.twin import GROUPS as TWIN_GROUPS
 from engines.torch_fast.twin import (TwinEncoder, can_pair, encoder_convolutions, first_pair_input_sizes,
@@ -192,7 +192,8 @@ class ConvKernels(str, enum.Enum):
 # The parts of the artifacts' key a convolution timing depends on. The rest (parts version, step layout, folds, fused
 # blocks) changes which shapes the step asks for or how it is compiled, not what a shape's kernels measure: a table
 # saved under another value of those is reused, and only shapes it lacks are measured.
-TUNING_KEY_FIELDS = ("profile", "versions", "gpu", "capability", "conv_kernels", "conv_tuning", "split_fixup")
+TUNING_KEY_FIELDS = ("profile", "versions", "gpu", "capability", "conv_kernels", "conv_tuning", "split_fixup",
+                     "cudnn_graph")
 
 
 def _tuning_key(key: dict) -> dict:
@@ -296,13 +297,17 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         choice = None if table is None else table.choices.get(shape.key)
         return choice.config if choice is not None and choice.backend == "triton" else None
 
+    def graph_plan(shape: ConvShape):
+        choice = None if table is None else table.choices.get(shape.key)
+        return choice.plan if choice is not None and choice.backend == "cudnn_graph" else None
+
     layers = StepLayers()
     folded = set()
     if twin:  # built from the unswapped layers; its own stacked weights from here on
         layers.twin = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config, fuse_resnets=fuse)
         folded |= layers.twin.fused_blocks
     for i, block in enumerate(decoder_blocks):
-        fused = fused_if_tuned((block,), sizes, triton_config) if block in fusable else None
+        fused = fused_if_tuned((block,), sizes, triton_config, graph_plan) if block in fusable else None
         if fused is not None:
             layers.fused_decoder[i] = fused
             folded.add(block)
@@ -319,8 +324,11 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
         swapped = pointwise_as_matmul(conv, shape)
         if swapped is None and triton_candidate(conv):
             config = triton_config(ConvShape.of(conv, shape))
+            plan = graph_plan(ConvShape.of(conv, shape))
             if config is not None:
                 swapped = TritonConv2d(conv, config)
+            elif plan is not None:
+                swapped = CudnnGraphConv2d(conv, plan)
         return swapped
 
     if kernels is not ConvKernels.CUDNN:
@@ -338,6 +346,8 @@ def step_settings(kernels: ConvKernels, layout: StepLayout, fuse: bool) -> dict:
                     folded_feed_forward=residual_gemm.FOLD_FF_PROJ_OUT)
     if triton_conv.SPLIT_FIXUP:  # split configs are timed (and run) differently: their own tuning table
         settings.update(split_fixup=True)
+    if kernels is ConvKernels.TUNED and cudnn_conv.available():  # the graph API's configs are named per version
+        settings.update(cudnn_graph=cudnn_conv.version())
     return settings
 
 

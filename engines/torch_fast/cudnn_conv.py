@@ -1,0 +1,176 @@
+"""kxk stride-1 convolutions through cuDNN's graph API (the cudnn-frontend package), on a named engine config.
+
+Why: torch calls cuDNN through its legacy convolution API, which takes the heuristics' first engine config. On the
+H200 that config is among the slowest the graph API offers for the step's 32x48 and 16x24 convolutions: for
+2x960x32x48 -> 320 it ran 53.4 us, while another config of the same engine ran 37.2 us and our tuned Triton kernel
+46.7 (`python3 -m bench.cudnn_frontend_conv`, bench/NOTES.md, session 15). So the conv tuner can also time the
+graph API's configs, and the step runs the winner by name: `conv2d(x, weight, padding, plan)`.
+
+The graph of a shape is built on first use (outside CUDA-graph capture: the runner warms every part up first) and
+kept; a call then only binds pointers and launches. Images and outputs are channels_last, weights (Cout, Cin, k,
+k) channels_last (cuDNN's KRSC), fp16 in and out, fp32 accumulation. No bias: the consumer adds it (under
+torch.compile it fuses into the next kernel, which reads the output anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from profiles.config import env_flag
+
+try:
+    import cudnn  # nvidia-cudnn-frontend
+except (ImportError, OSError):  # not installed, or no libcudnn it can load
+    cudnn = None
+
+ENABLED = env_flag("CNRT_CUDNN_FRONTEND", True)  # 0: the tuner never offers these configs (A/B measurements)
+_lock = threading.RLock()
+_handles: dict = {}
+_graphs: dict = {}
+
+
+def available() -> bool:
+    """Whether the graph API can be tried here: the package, a CUDA device, not switched off."""
+    return ENABLED and cudnn is not None and torch.cuda.is_available()
+
+
+def version() -> str:
+    """cudnn-frontend and cuDNN backend versions, for the tuning table's key ('' without the package)."""
+    if cudnn is None:
+        return ""
+    return f"{getattr(cudnn, '__version__', '?')}/{cudnn.backend_version()}"
+
+
+def _handle(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _handles:
+            with torch.cuda.device(index):
+                _handles[index] = cudnn.create_handle()
+        return _handles[index]
+
+
+def _heuristics() -> list:
+    return [cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK]
+
+
+@dataclass
+class _Graph:
+    """One shape's graph: its tensors, the engine configs the heuristics proposed, and the config built."""
+
+    graph: object
+    x: object
+    w: object
+    y: object
+    names: list
+    built: "int | None" = None
+    workspace: int = 0
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), tuple(t.stride())
+
+
+def output_shape(x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    k = weight.shape[-1]
+    return n, weight.shape[0], h + 2 * padding - k + 1, w + 2 * padding - k + 1
+
+
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    return torch.empty(output_shape(x, weight, padding), device=x.device, dtype=x.dtype,
+                       memory_format=torch.channels_last)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1] or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"need x (N, C, H, W) and a square weight (Cout, C, k, k); got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if x.dtype != torch.float16 or weight.dtype != torch.float16:
+        raise ValueError(f"fp16 only, got {x.dtype} and {weight.dtype}")
+    for name, t in (("x", x), ("weight", weight)):
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{name} must be channels_last")
+
+
+def _graph_for(x: torch.Tensor, weight: torch.Tensor, padding: int) -> _Graph:
+    """The graph of this shape (built once per shape, layout and device), with its engine configs listed."""
+    key = (x.device.index, _layout(x), _layout(weight), padding)
+    with _lock:
+        found = _graphs.get(key)
+    if found is not None:
+        return found
+    handle = _handle(x.device)
+    g = cudnn.pygraph(io_data_type=cudnn.data_type.HALF, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    tx = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=cudnn.data_type.HALF)
+    tw = g.tensor(name="W", dim=list(weight.shape), stride=list(weight.stride()), data_type=cudnn.data_type.HALF)
+    ty = g.conv_fprop(image=tx, weight=tw, padding=[padding, padding], stride=[1, 1], dilation=[1, 1],
+                      compute_data_type=cudnn.data_type.FLOAT, name="conv")
+    y = _empty_output(x, weight, padding)
+    ty.set_output(True).set_data_type(cudnn.data_type.HALF).set_dim(list(y.shape)).set_stride(list(y.stride()))
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans(_heuristics())
+    g.check_support()
+    names = [g.get_plan_name_at_index(i) for i in range(g.get_execution_plan_count())]
+    entry = _Graph(g, tx, tw, ty, names)
+    with _lock:
+        return _graphs.setdefault(key, entry)
+
+
+def plan_names(x: torch.Tensor, weight: torch.Tensor, padding: int) -> list[str]:
+    """The engine configs cuDNN's heuristics (modes A, B, then the fallback list) propose for this shape, best
+    ranked first. Not every one builds on every GPU."""
+    _check(x, weight)
+    return list(_graph_for(x, weight, padding).names)
+
+
+def _select(entry: _Graph, plan: str) -> None:
+    if plan not in entry.names:
+        raise ValueError(f"cuDNN offers no engine config {plan!r} for this convolution (the tuning table was made "
+                         f"with another cuDNN?); it offers {len(entry.names)}, e.g. {entry.names[:3]}")
+    index = entry.names.index(plan)
+    if entry.built != index:
+        entry.graph.build_plan_at_index(index)
+        entry.workspace = entry.graph.get_workspace_size_plan_at_index(index)
+        entry.built = index
+
+
+def run(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str,
+        out: "torch.Tensor | None" = None) -> torch.Tensor:
+    """conv2d(x, weight, padding=padding) on engine config `plan`, on the current stream (capturable)."""
+    _check(x, weight)
+    entry = _graph_for(x, weight, padding)
+    with _lock:
+        _select(entry, plan)
+        workspace = torch.empty(max(entry.workspace, 1), device=x.device, dtype=torch.uint8)
+        y = _empty_output(x, weight, padding) if out is None else out
+        handle = _handle(x.device)
+        cudnn.set_stream(handle, torch.cuda.current_stream(x.device).cuda_stream)
+        entry.graph.execute_plan_at_index({entry.x: x, entry.w: weight, entry.y: y}, workspace, entry.built,
+                                          handle=handle)
+    return y
+
+
+if cudnn is not None:
+
+    @torch.library.custom_op("cnrt::cudnn_conv2d", mutates_args=(), device_types="cuda")
+    def _conv_op(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+        """`run` as an operator torch.compile keeps whole (one extern call in the compiled part)."""
+        return run(x.contiguous(memory_format=torch.channels_last),
+                   weight.contiguous(memory_format=torch.channels_last), padding, plan)
+
+    @_conv_op.register_fake
+    def _(x, weight, padding, plan):
+        return _empty_output(x, weight, padding)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+    """conv2d(x, weight, padding=padding), no bias, through cuDNN engine config `plan` (a name `plan_names` gave)."""
+    if cudnn is None:
+        raise RuntimeError("cuDNN graph-API convolutions need the nvidia-cudnn-frontend package")
+    return torch.ops.cnrt.cudnn_conv2d(x, weight, padding, plan)

@@ -1,0 +1,147 @@
+"""Convolutions on cuDNN graph-API engine configs (`cudnn_conv`): the tuning table's record of them, which shapes
+are tried, how a FusedResnet takes one for conv1; on a GPU with the cudnn-frontend package, that each offered
+config computes F.conv2d and that the step's block computes diffusers' block with one, compiled and captured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
+
+from engines.torch_fast import conv_tuning, cudnn_conv
+from engines.torch_fast.conv_tuning import ConvChoice, ConvShape, TuningTable
+from engines.torch_fast.fused_resnet import FusedResnet, fused_if_tuned
+from engines.torch_fast.triton_conv import ConvConfig
+
+needs_graph_api = pytest.mark.skipif(not cudnn_conv.available(),
+                                     reason="needs a CUDA GPU and the nvidia-cudnn-frontend package")
+
+
+def test_a_graph_api_choice_survives_the_table_file(tmp_path):
+    table = TuningTable({"2x960x32x48->320 k3 s1 p1": ConvChoice("cudnn_graph", None, 52.1, 36.4, "eng62_k2=18"),
+                         "2x320x32x48->320 k3 s1 p1 g2": ConvChoice("triton", ConvConfig(128, 64, 64, 1, 4, 4),
+                                                                     66.6, 32.2)})
+    table.save(tmp_path / "t.json")
+    back = TuningTable.load(tmp_path / "t.json")
+    assert back.choices == table.choices
+    assert back.choices["2x960x32x48->320 k3 s1 p1"].plan == "eng62_k2=18"
+    assert "1 on cuDNN graph-API configs" in back.summary()
+
+
+def test_graph_api_configs_are_tried_for_plain_same_convolutions_only(monkeypatch):
+    monkeypatch.setattr(cudnn_conv, "available", lambda: True)
+    tried = [k for k in ("2x960x32x48->320 k3 s1 p1", "2x2560x4x6->1280 k3 s1 p1", "2x320x32x48->320 k3 s1 p1 g2",
+                         "2x320x32x48->320 k3 s1 p1 +1x1(960)", "2x320x32x48->320 k3 s2 p1",
+                         "2x640x16x24->2560 k2 s1 p1", "2x320x32x48->4 k3 s1 p1")
+             if conv_tuning.graph_api_candidate(ConvShape.from_key(k))]
+    assert tried == ["2x960x32x48->320 k3 s1 p1", "2x2560x4x6->1280 k3 s1 p1"]
+    monkeypatch.setattr(cudnn_conv, "available", lambda: False)
+    assert not conv_tuning.graph_api_candidate(ConvShape.from_key("2x960x32x48->320 k3 s1 p1"))
+
+
+def test_fused_resnet_takes_a_graph_api_conv1_for_one_block_only():
+    block = ResnetBlock2D(in_channels=128, out_channels=64, temb_channels=32)
+    sizes = {block.conv1: (2, 128, 4, 6), block.conv2: (2, 64, 4, 6)}
+    cfg = ConvConfig(64, 64, 64, 1, 4, 3)
+    conv2_only = lambda shape: cfg if shape.shortcut else None  # noqa: E731
+    fused = fused_if_tuned((block,), sizes, conv2_only, lambda shape: "eng62_test")
+    assert isinstance(fused, FusedResnet) and fused.conv1_plan == "eng62_test"
+    assert fused.conv1_weight.shape == (64, 128, 3, 3)
+    assert fused.conv1_weight.is_contiguous(memory_format=torch.channels_last)  # cuDNN's KRSC
+    assert fused_if_tuned((block,), sizes, conv2_only) is None  # conv1 on neither: not fused
+    pair = (block, ResnetBlock2D(in_channels=128, out_channels=64, temb_channels=32))
+    sizes |= {pair[1].conv1: (2, 128, 4, 6), pair[1].conv2: (2, 64, 4, 6)}
+    assert fused_if_tuned(pair, sizes, conv2_only, lambda shape: "eng62_test") is None
+    with pytest.raises(ValueError, match="one block"):
+        FusedResnet(pair, "eng62_test", cfg)
+
+
+@pytest.mark.skipif(cudnn_conv.cudnn is not None, reason="the cudnn-frontend package is installed")
+def test_without_the_package_the_call_says_what_is_missing():
+    x = torch.zeros(1, 8, 4, 4, dtype=torch.half)
+    with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        cudnn_conv.conv2d(x, torch.zeros(8, 8, 3, 3, dtype=torch.half), 1, "eng62")
+
+
+@pytest.mark.gpu
+@needs_graph_api
+def test_every_offered_config_that_runs_computes_conv2d():
+    torch.manual_seed(0)
+    x = torch.randn(2, 320, 16, 24, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(640, 320, 3, 3, device="cuda") * 0.02).half().contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, w, padding=1).float()
+    names = cudnn_conv.plan_names(x, w, 1)
+    assert names, "cuDNN offered no engine config"
+    ran = 0
+    for name in names[:12]:
+        try:
+            y = cudnn_conv.run(x, w, 1, name)
+        except Exception:  # noqa: BLE001  (configs this GPU cannot build are skipped by the tuner too)
+            continue
+        ran += 1
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3, name
+    assert ran > 0
+    with pytest.raises(ValueError, match="no engine config"):
+        cudnn_conv.run(x, w, 1, "no-such-config")
+
+
+@pytest.mark.gpu
+@needs_graph_api
+def test_fused_resnet_with_a_graph_api_conv1_matches_diffusers_compiled_and_captured():
+    from engines.torch_fast.parts import _resnet
+    from engines.torch_fast.triton_conv import candidate_configs
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=960, out_channels=320, temb_channels=1280).eval().cuda().half()
+    x = torch.randn(2, 960, 32, 48, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(1, 1280, device="cuda").half()
+    h = torch.randn(2, 960, 32, 48, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    w = block.conv1.weight.detach().contiguous(memory_format=torch.channels_last)
+    plan = next(n for n in cudnn_conv.plan_names(h, w, 1) if _runs(h, w, n))
+    with torch.no_grad():
+        temb = block.time_emb_proj(F.silu(emb))[0]
+        ref = _resnet(block, x, temb).float()
+        fused = FusedResnet((block,), plan, candidate_configs(2 * 32 * 48, 320, 320, 3, 960)[0])
+        bias = temb + block.conv1.bias
+        eager = fused(x, bias)
+        assert ((eager.float() - ref).norm() / ref.norm()).item() < 3e-3
+        compiled = torch.compile(fused, fullgraph=True)
+        compiled(x, bias)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(x, bias)
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        assert torch.equal(out, first)  # replays repeat the bytes
+        assert ((out.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
+
+
+def _runs(x, w, name) -> bool:
+    try:
+        cudnn_conv.run(x, w, 1, name)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_the_tuner_takes_a_faster_correct_config_and_skips_wrong_ones(monkeypatch):
+    """tune_graph_api's choice logic with the graph API stood in for by F.conv2d (no bias, as the real configs):
+    a config that is right and faster wins, one whose result is off (here: the bias added) never does."""
+    s = ConvShape.from_key("2x16x6x8->24 k3 s1 p1")
+    t = conv_tuning.conv_inputs(s, torch.float32, torch.device("cpu"))
+    bias = t.bs[0].reshape(1, -1, 1, 1)
+    plans = {"right": lambda x, w: F.conv2d(x, w, padding=1), "with-bias": lambda x, w: F.conv2d(x, w, padding=1)
+             + bias}
+    monkeypatch.setattr(cudnn_conv, "plan_names", lambda x, w, padding: list(plans))
+    monkeypatch.setattr(cudnn_conv, "run", lambda x, w, padding, plan: plans[plan](x, w))
+    monkeypatch.setattr(conv_tuning, "graph_time_us", lambda make_call: make_call(0)() is not None and 10.0)
+    slower = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 20.0)
+    best = conv_tuning.tune_graph_api(s, t, slower)
+    assert (best.backend, best.plan, best.best_us, best.cudnn_us) == ("cudnn_graph", "right", 10.0, 30.0)
+    faster = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 5.0)
+    assert conv_tuning.tune_graph_api(s, t, faster) is faster
+    del plans["right"]
+    assert conv_tuning.tune_graph_api(s, t, slower) is slower
