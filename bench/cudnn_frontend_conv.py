@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print every plan")
     p.add_argument("--upgrade-table", default=None, help="only this: time the graph API's configs for every shape "
                    "of this GPU's table the tuner would try them on (conv_tuning.add_graph_api_choices) and save the "
-                   "table to this file")
+                   "table to this file (--shapes: only those)")
     p.add_argument("--write", default=None, help="save this GPU's table, with the shapes where a cuDNN graph-API "
                                                  "config beat Triton in this run moved to it, to this file")
     a = p.parse_args(argv)
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     path = device_artifact_dir(TORCH_ARTIFACTS, torch.device("cuda")) / conv_tuning.TABLE_FILE
     table = TuningTable.load(path) if path.exists() else None
     if a.upgrade_table:
-        upgraded = conv_tuning.add_graph_api_choices(table, log=lambda m: print(m, flush=True))
+        keys = None if a.shapes == list(DEFAULT_KEYS) else set(a.shapes)
+        upgraded = conv_tuning.add_graph_api_choices(table, log=lambda m: print(m, flush=True), keys=keys)
         upgraded.save(Path(a.upgrade_table))
         print(f"wrote {a.upgrade_table}: {upgraded.summary()}", flush=True)
         return 0

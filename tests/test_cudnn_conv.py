@@ -35,26 +35,62 @@ def test_graph_api_configs_are_tried_for_plain_same_convolutions_only(monkeypatc
                          "2x320x32x48->320 k3 s1 p1 +1x1(960)", "2x320x32x48->320 k3 s2 p1",
                          "2x640x16x24->2560 k2 s1 p1", "2x320x32x48->4 k3 s1 p1")
              if conv_tuning.graph_api_candidate(ConvShape.from_key(k))]
-    assert tried == ["2x960x32x48->320 k3 s1 p1", "2x2560x4x6->1280 k3 s1 p1"]
+    assert tried == ["2x960x32x48->320 k3 s1 p1", "2x2560x4x6->1280 k3 s1 p1", "2x320x32x48->320 k3 s1 p1 g2"]
     monkeypatch.setattr(cudnn_conv, "available", lambda: False)
     assert not conv_tuning.graph_api_candidate(ConvShape.from_key("2x960x32x48->320 k3 s1 p1"))
 
 
-def test_fused_resnet_takes_a_graph_api_conv1_for_one_block_only():
+def test_fused_resnet_takes_graph_api_convolutions_where_they_fit():
     block = ResnetBlock2D(in_channels=128, out_channels=64, temb_channels=32)
     sizes = {block.conv1: (2, 128, 4, 6), block.conv2: (2, 64, 4, 6)}
     cfg = ConvConfig(64, 64, 64, 1, 4, 3)
     conv2_only = lambda shape: cfg if shape.shortcut else None  # noqa: E731
     fused = fused_if_tuned((block,), sizes, conv2_only, lambda shape: "eng62_test")
-    assert isinstance(fused, FusedResnet) and fused.conv1_plan == "eng62_test"
+    assert isinstance(fused, FusedResnet) and fused.conv1_plan == "eng62_test" and fused.conv2_plan is None
     assert fused.conv1_weight.shape == (64, 128, 3, 3)
     assert fused.conv1_weight.is_contiguous(memory_format=torch.channels_last)  # cuDNN's KRSC
     assert fused_if_tuned((block,), sizes, conv2_only) is None  # conv1 on neither: not fused
-    pair = (block, ResnetBlock2D(in_channels=128, out_channels=64, temb_channels=32))
-    sizes |= {pair[1].conv1: (2, 128, 4, 6), pair[1].conv2: (2, 64, 4, 6)}
-    assert fused_if_tuned(pair, sizes, conv2_only, lambda shape: "eng62_test") is None
-    with pytest.raises(ValueError, match="one block"):
-        FusedResnet(pair, "eng62_test", cfg)
+    # a conv2 with a shortcut never takes one (the shortcut is folded into the Triton kernel's K loop)
+    assert fused_if_tuned((block,), sizes, lambda shape: None, lambda shape: "eng62_test") is None
+    with pytest.raises(ValueError, match="shortcut"):
+        FusedResnet((block,), cfg, "eng62_test")
+    pair = tuple(ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=32) for _ in range(2))
+    sizes = {c: (2, 64, 4, 6) for b in pair for c in (b.conv1, b.conv2)}
+    fused = fused_if_tuned(pair, sizes, lambda shape: None, lambda shape: "eng62_test")
+    assert fused.groups == 2 and fused.conv1_plan == fused.conv2_plan == "eng62_test"
+    assert fused.conv2_weight.shape == (2, 64, 64, 3, 3)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in fused.conv2_weight)
+
+
+def _grouped_conv(x, w, padding, plan):
+    """What cudnn_conv.conv2d computes (no bias; (G, ...) weights over G slices of the batch), by F.conv2d."""
+    if w.dim() == 4:
+        return F.conv2d(x, w, padding=padding)
+    return torch.cat([F.conv2d(xs, ws, padding=padding) for xs, ws in zip(x.chunk(w.shape[0]), w)])
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_fused_resnet_on_graph_api_convolutions_computes_the_diffusers_block(monkeypatch, pair):
+    """The biases (time row per group), the identity residual and the fp32 sums around the cuDNN calls, with the
+    calls stood in for by F.conv2d: the block's function, for one block and for a twin pair."""
+    from engines.torch_fast.parts import _resnet
+
+    monkeypatch.setattr(cudnn_conv, "conv2d", _grouped_conv)
+    torch.manual_seed(0)
+    blocks = [ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=32, groups=32).eval()
+              for _ in range(2 if pair else 1)]
+    for b in blocks:
+        for p in b.parameters():
+            p.data.normal_(0, 0.05)
+    x = torch.randn(2 * len(blocks), 64, 4, 6).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(1, 32)
+    with torch.no_grad():
+        temb = [b.time_emb_proj(F.silu(emb))[0] for b in blocks]
+        bias = torch.stack([t + b.conv1.bias for t, b in zip(temb, blocks)])
+        fused = FusedResnet(tuple(blocks), "eng62_a", "eng62_b")
+        got = fused(x, bias if pair else bias[0])
+        ref = torch.cat([_resnet(b, xs, t) for b, xs, t in zip(blocks, x.chunk(len(blocks)), temb)])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(cudnn_conv.cudnn is not None, reason="the cudnn-frontend package is installed")
@@ -119,6 +155,27 @@ def test_fused_resnet_with_a_graph_api_conv1_matches_diffusers_compiled_and_capt
         assert ((out.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
 
 
+@pytest.mark.gpu
+@needs_graph_api
+def test_groups_on_two_streams_compute_each_groups_convolution_in_a_captured_graph():
+    torch.manual_seed(0)
+    x = torch.randn(4, 320, 32, 48, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(2, 320, 320, 3, 3, device="cuda") * 0.02).half()
+    ref = torch.cat([F.conv2d(xs, ws, padding=1) for xs, ws in zip(x.chunk(2), w)]).float()
+    stacked = cudnn_conv.stacked_krsc(w)
+    plan = next(n for n in cudnn_conv.plan_names(x[:2], stacked[0], 1) if _runs(x[:2], stacked[0], n))
+    eager = cudnn_conv.run_groups(x, stacked, 1, plan)
+    assert ((eager.float() - ref).norm() / ref.norm()).item() < 2e-3
+    compiled = torch.compile(lambda x: cudnn_conv.conv2d(x, stacked, 1, plan) * 2, fullgraph=True)
+    compiled(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager * 2)
+
+
 def _runs(x, w, name) -> bool:
     try:
         cudnn_conv.run(x, w, 1, name)
@@ -129,19 +186,22 @@ def _runs(x, w, name) -> bool:
 
 def test_the_tuner_takes_a_faster_correct_config_and_skips_wrong_ones(monkeypatch):
     """tune_graph_api's choice logic with the graph API stood in for by F.conv2d (no bias, as the real configs):
-    a config that is right and faster wins, one whose result is off (here: the bias added) never does."""
-    s = ConvShape.from_key("2x16x6x8->24 k3 s1 p1")
-    t = conv_tuning.conv_inputs(s, torch.float32, torch.device("cpu"))
-    bias = t.bs[0].reshape(1, -1, 1, 1)
-    plans = {"right": lambda x, w: F.conv2d(x, w, padding=1), "with-bias": lambda x, w: F.conv2d(x, w, padding=1)
-             + bias}
-    monkeypatch.setattr(cudnn_conv, "plan_names", lambda x, w, padding: list(plans))
-    monkeypatch.setattr(cudnn_conv, "run", lambda x, w, padding, plan: plans[plan](x, w))
-    monkeypatch.setattr(conv_tuning, "graph_time_us", lambda make_call: make_call(0)() is not None and 10.0)
-    slower = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 20.0)
-    best = conv_tuning.tune_graph_api(s, t, slower)
-    assert (best.backend, best.plan, best.best_us, best.cudnn_us) == ("cudnn_graph", "right", 10.0, 30.0)
-    faster = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 5.0)
-    assert conv_tuning.tune_graph_api(s, t, faster) is faster
-    del plans["right"]
-    assert conv_tuning.tune_graph_api(s, t, slower) is slower
+    a config that is right and faster wins, one whose result is off (here: the bias added) never does; for a twin
+    pair (g2) the per-group calls too."""
+    for key in ("2x16x6x8->24 k3 s1 p1", "2x16x6x8->24 k3 s1 p1 g2"):
+        s = ConvShape.from_key(key)
+        t = conv_tuning.conv_inputs(s, torch.float32, torch.device("cpu"))
+        bias = t.bs[0].reshape(s.groups, -1)[0].reshape(1, -1, 1, 1)
+        plans = {"right": lambda x, w: _grouped_conv(x, w, 1, None),
+                 "with-bias": lambda x, w: _grouped_conv(x, w, 1, None) + bias}
+        monkeypatch.setattr(cudnn_conv, "plan_names", lambda x, w, padding: list(plans))
+        monkeypatch.setattr(cudnn_conv, "run", lambda x, w, padding, plan: plans[plan](x, w))
+        monkeypatch.setattr(cudnn_conv, "run_groups", lambda x, w, padding, plan: plans[plan](x, w))
+        monkeypatch.setattr(conv_tuning, "graph_time_us", lambda make_call: make_call(0)() is not None and 10.0)
+        slower = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 20.0)
+        best = conv_tuning.tune_graph_api(s, t, slower)
+        assert (best.backend, best.plan, best.best_us, best.cudnn_us) == ("cudnn_graph", "right", 10.0, 30.0)
+        faster = ConvChoice("triton", ConvConfig(64, 64, 64, 1, 4, 3), 30.0, 5.0)
+        assert conv_tuning.tune_graph_api(s, t, faster) is faster
+        del plans["right"]
+        assert conv_tuning.tune_graph_api(s, t, slower) is slower

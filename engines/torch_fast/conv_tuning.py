@@ -32,7 +32,7 @@ from engines.torch_fast.triton_conv import ConvConfig
 
 TABLE_FILE = "conv_tuning.json"
 # Bump when what is timed or the search space changes: part of the artifact key, so old tables are re-measured.
-TUNING_VERSION = 4  # 3: the TMA kernel's configs joined (session 6); 4: cuDNN graph-API configs joined (session 15)
+TUNING_VERSION = 5  # 3: TMA kernel configs (session 6); 4: cuDNN graph-API configs; 5: also for twin pairs (session 15)
 _ROTATE = 3
 _REPEAT = 4
 # A Triton config whose result is further than this from cuDNN's (relative L2) is never chosen: correct configs
@@ -211,19 +211,24 @@ def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: 
 
 
 def graph_api_candidate(s: ConvShape) -> bool:
-    """Shapes whose cuDNN graph-API configs are timed: 3x3 'same' convolutions with one weight (no twin groups, no
-    fused shortcut), channel counts cuDNN's tensor-core engines take. In the step these are the decoder's conv1s
-    (`FusedResnet`) and its 8x12 / 4x6 ones; the 2x2 upsampler convolutions are left out."""
-    return (cudnn_conv.available() and s.groups == 1 and not s.shortcut and s.stride == 1 and s.kernel == 3
-            and s.padding == 1 and s.c % 8 == 0 and s.cout % 8 == 0)
+    """Shapes whose cuDNN graph-API configs are timed: 3x3 'same' convolutions without a fused shortcut, channel
+    counts cuDNN's tensor-core engines take. Groups (the twin's pairs) run one call per group, side by side on two
+    streams (`cudnn_conv.run_groups`). In the step these are the ResNet blocks' conv1s and, where the residual is
+    the identity, their conv2s; the 2x2 upsampler convolutions are left out."""
+    return (cudnn_conv.available() and not s.shortcut and s.stride == 1 and s.kernel == 3 and s.padding == 1
+            and s.c % 8 == 0 and s.cout % 8 == 0)
 
 
 def graph_api_weights(t: ConvInputs) -> list:
-    """The rotating weight copies as the graph API reads them: (Cout, Cin, k, k), channels_last (KRSC)."""
-    return [w[0].contiguous(memory_format=torch.channels_last) for w in t.ws]
+    """The rotating weight copies as the graph API reads them: (Cout, Cin, k, k) channels_last (KRSC), or for
+    groups (G, Cout, Cin, k, k) with each group's so (`cudnn_conv.stacked_krsc`)."""
+    return [w[0].contiguous(memory_format=torch.channels_last) if w.shape[0] == 1 else cudnn_conv.stacked_krsc(w)
+            for w in t.ws]
 
 
 def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str) -> torch.Tensor:
+    if s.groups > 1:
+        return cudnn_conv.run_groups(t.xs[i], weights[i], s.padding, plan)
     return cudnn_conv.run(t.xs[i], weights[i], s.padding, plan)
 
 
@@ -233,8 +238,10 @@ def tune_graph_api(s: ConvShape, t: ConvInputs, best: "ConvChoice", max_plans: i
     built, checked against torch's cuDNN call (without the bias: these configs leave it to the consumer) and for
     bitwise repeatability (the same call twice must give the same bytes), and timed."""
     weights = graph_api_weights(t)
-    ref = F.conv2d(t.xs[0], t.ws[0][0], None, s.stride, s.padding).float()
-    names = cudnn_conv.plan_names(t.xs[0], weights[0], s.padding)[:max_plans]
+    ref = torch.cat([F.conv2d(x, w, None, s.stride, s.padding)
+                     for x, w in zip(t.xs[0].chunk(s.groups), t.ws[0])]).float()
+    one = (t.xs[0][:t.xs[0].shape[0] // s.groups], weights[0] if s.groups == 1 else weights[0][0])
+    names = cudnn_conv.plan_names(*one, s.padding)[:max_plans]
     wrong = 0
     for plan in names:
         try:
@@ -293,15 +300,15 @@ def tune_shape(shape: ConvShape, dtype: torch.dtype = torch.float16, check: bool
 
 
 @torch.no_grad()
-def add_graph_api_choices(table: TuningTable, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
-                          ) -> TuningTable:
+def add_graph_api_choices(table: TuningTable, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                          keys: "set[str] | None" = None) -> TuningTable:
     """A copy of a table tuned without the cuDNN graph API (TUNING_VERSION 3) with its graph-API configs timed for
-    every shape `graph_api_candidate` takes, as `tune_shape` times them: what a full re-tune would record, since
-    the other candidates' search is unchanged."""
+    every shape `graph_api_candidate` takes (of `keys`, if given), as `tune_shape` times them: what a full re-tune
+    would record, since the other candidates' search is unchanged."""
     out = TuningTable(dict(table.choices))
     for key, choice in sorted(table.choices.items()):
         s = ConvShape.from_key(key)
-        if not graph_api_candidate(s):
+        if not graph_api_candidate(s) or (keys is not None and key not in keys):
             continue
         best = tune_graph_api(s, conv_inputs(s), choice)
         out.choices[key] = best

@@ -10,6 +10,10 @@ The graph of a shape is built on first use (outside CUDA-graph capture: the runn
 kept; a call then only binds pointers and launches. Images and outputs are channels_last, weights (Cout, Cin, k,
 k) channels_last (cuDNN's KRSC), fp16 in and out, fp32 accumulation. No bias: the consumer adds it (under
 torch.compile it fuses into the next kernel, which reads the output anyway).
+
+`conv2d_groups` runs the twin encoder's pairs (G convolutions with their own weights over G equal slices of the
+batch, as `triton_conv`'s groups): one call per group, group 0 on the current stream and the others on a side
+stream that forks from and joins it, so that the two halves run side by side (also inside a captured graph).
 """
 
 from __future__ import annotations
@@ -156,7 +160,53 @@ def run(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str,
     return y
 
 
+def stacked_krsc(weights: torch.Tensor) -> torch.Tensor:
+    """(G, Cout, Cin, k, k) weights with each group's (Cout, Cin, k, k) channels_last (KRSC), in one tensor."""
+    return weights.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _side_streams:
+            _side_streams[index] = torch.cuda.Stream(device=index)
+        return _side_streams[index]
+
+
+def run_groups(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+    """G convolutions in one call: images [g*N/G, (g+1)*N/G) with weights[g] (G, Cout, Cin, k, k), each group's
+    channels_last (`stacked_krsc`), all on engine config `plan` (tuned for one group's shape). Group 0 runs on the
+    current stream, the rest on a side stream forked from it and joined back before returning."""
+    groups = weights.shape[0]
+    if weights.dim() != 5 or x.shape[0] % groups:
+        raise ValueError(f"need weights (G, Cout, Cin, k, k) and N divisible by G; got {tuple(weights.shape)}, "
+                         f"N={x.shape[0]}")
+    n = x.shape[0] // groups
+    y = torch.empty(output_shape(x, weights[0], padding), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    side.wait_stream(main)
+    for g in range(groups):
+        with torch.cuda.stream(main if g == 0 else side):
+            run(x[g * n:(g + 1) * n], weights[g], padding, plan, out=y[g * n:(g + 1) * n])
+    main.wait_stream(side)
+    return y
+
+
 if cudnn is not None:
+
+    @torch.library.custom_op("cnrt::cudnn_conv2d_groups", mutates_args=(), device_types="cuda")
+    def _conv_groups_op(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+        """`run_groups` as an operator torch.compile keeps whole."""
+        return run_groups(x.contiguous(memory_format=torch.channels_last), weights, padding, plan)
+
+    @_conv_groups_op.register_fake
+    def _(x, weights, padding, plan):
+        return _empty_output(x, weights[0], padding)
 
     @torch.library.custom_op("cnrt::cudnn_conv2d", mutates_args=(), device_types="cuda")
     def _conv_op(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
@@ -170,7 +220,10 @@ if cudnn is not None:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
-    """conv2d(x, weight, padding=padding), no bias, through cuDNN engine config `plan` (a name `plan_names` gave)."""
+    """conv2d(x, weight, padding=padding), no bias, through cuDNN engine config `plan` (a name `plan_names` gave).
+    weight (G, Cout, Cin, k, k) (`stacked_krsc`): G convolutions over G slices of the batch (`run_groups`)."""
     if cudnn is None:
         raise RuntimeError("cuDNN graph-API convolutions need the nvidia-cudnn-frontend package")
+    if weight.dim() == 5:
+        return torch.ops.cnrt.cudnn_conv2d_groups(x, weight, padding, plan)
     return torch.ops.cnrt.cudnn_conv2d(x, weight, padding, plan)

@@ -6,8 +6,8 @@ Why: compiled by Inductor, a ResNet block of the step is about seven kernels: Gr
 
     GN1 + SiLU                      Inductor (statistics + apply)
     conv1 + (bias + temb)           one kernel; bias + temb is a row of the time table (see `fold_conv1_bias`)
-                                    (or, where the tuner chose a cuDNN graph-API config, that convolution and
-                                    the row added by Inductor in the next kernel)
+                                    (or, where the tuner chose a cuDNN graph-API config, that convolution, the
+                                    row added by Inductor in the next kernel; likewise conv2 + residual)
     GN2 + SiLU                      Inductor
     conv2 + shortcut + residual     one kernel: the 1x1 shortcut's weights are extra K rows of conv2's GEMM
                                     (`triton_conv`), or the identity residual is added in its epilogue
@@ -59,9 +59,10 @@ class FusedResnet(nn.Module):
     """blocks: one ResnetBlock2D, or a (UNet, ControlNet) pair run as groups over the two halves of the batch.
 
     forward(x, conv1_bias): conv1_bias is conv1.bias + time_emb_proj(silu(emb)), (C,) or (groups, C).
-    conv1_config: a Triton config, or the name of a cuDNN graph-API engine config (one block only)."""
+    conv1_config, conv2_config: Triton configs, or names of cuDNN graph-API engine configs (`cudnn_conv`; conv2's
+    only without a shortcut: the identity residual and the biases are then added by the next kernel)."""
 
-    def __init__(self, blocks: tuple, conv1_config: "ConvConfig | str", conv2_config: ConvConfig):
+    def __init__(self, blocks: tuple, conv1_config: "ConvConfig | str", conv2_config: "ConvConfig | str"):
         super().__init__()
         if not all(can_fuse(b) for b in blocks):
             raise ValueError("FusedResnet needs plain SD ResNet blocks (see can_fuse)")
@@ -82,43 +83,66 @@ class FusedResnet(nn.Module):
         self.norm2_weight = stacked(lambda b: b.norm2.weight)
         self.norm2_bias = stacked(lambda b: b.norm2.bias)
         self.conv1_plan = conv1_config if isinstance(conv1_config, str) else None
+        self.conv2_plan = conv2_config if isinstance(conv2_config, str) else None
+        if self.conv2_plan is not None and self.has_shortcut:
+            raise ValueError("a cuDNN graph-API conv2 has no shortcut to fold: only blocks with an identity residual")
         if self.conv1_plan is not None:
-            if self.groups != 1:
-                raise ValueError("a cuDNN graph-API conv1 runs one block, not a twin pair")
-            self.conv1_weight = nn.Parameter(first.conv1.weight.detach().contiguous(memory_format=torch.channels_last),
-                                             requires_grad=False)  # cuDNN's KRSC
+            self.conv1_weight = _krsc([b.conv1.weight for b in blocks])
         else:
             self.conv1_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv1.weight))
         sc = (lambda b: b.conv_shortcut.weight) if self.has_shortcut else (lambda b: None)
-        self.conv2_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv2.weight, sc(b)))
+        if self.conv2_plan is not None:
+            self.conv2_weight = _krsc([b.conv2.weight for b in blocks])
+        else:
+            self.conv2_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv2.weight, sc(b)))
         self.conv2_bias = stacked(lambda b: b.conv2.bias + (b.conv_shortcut.bias if self.has_shortcut
                                                             and b.conv_shortcut.bias is not None else 0))
 
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
         h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
         if self.conv1_plan is not None:
-            h = cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan)
-            h = (h.float() + conv1_bias.float().reshape(1, -1, 1, 1)).to(x.dtype)
+            h = self._add_bias(cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan), conv1_bias)
         else:
             h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
         h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
+        if self.conv2_plan is not None:
+            return self._add_bias(cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan), self.conv2_bias, x)
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)
+
+    def _add_bias(self, y: torch.Tensor, bias: torch.Tensor, residual: "torch.Tensor | None" = None) -> torch.Tensor:
+        """y + bias (C,) or (groups, C), one per slice of the batch (+ residual), summed in fp32 and rounded once:
+        what the Triton kernel's epilogue adds to a cuDNN graph-API convolution's output."""
+        n, c, h, w = y.shape
+        out = y.float().view(self.groups, n // self.groups, c, h, w) + bias.float().view(-1, 1, c, 1, 1)
+        if residual is not None:
+            out = out + residual.float().view(self.groups, n // self.groups, c, h, w)
+        return out.view(n, c, h, w).to(y.dtype)
+
+
+def _krsc(weights: list) -> nn.Parameter:
+    """One block's conv weight as cuDNN reads it, (Cout, Cin, k, k) channels_last, or a pair's stacked
+    (`cudnn_conv.stacked_krsc`)."""
+    w = [t.detach() for t in weights]
+    value = (w[0].contiguous(memory_format=torch.channels_last) if len(w) == 1
+             else cudnn_conv.stacked_krsc(torch.stack(w)))
+    return nn.Parameter(value, requires_grad=False)
 
 
 def fused_if_tuned(blocks: tuple, input_shapes: dict,
                    conv_config: Callable[[ConvShape], "ConvConfig | None"],
                    graph_plan: Callable[[ConvShape], "str | None"] = lambda shape: None) -> "FusedResnet | None":
     """A FusedResnet for one block (or a twin pair, run as len(blocks) groups) when the blocks can be fused and the
-    tuning table put both of its convolutions on Triton (conv_config gives None otherwise), or, for one block,
-    conv1 on a cuDNN graph-API config (graph_plan gives its name); else None."""
+    tuning table put each of its convolutions on Triton (conv_config gives None otherwise) or on a cuDNN graph-API
+    config (graph_plan gives its name; conv2 only without a shortcut); else None."""
     if not all(can_fuse(b) for b in blocks):
         return None
     first, groups = blocks[0], len(blocks)
     shape1 = ConvShape.of(first.conv1, input_shapes[first.conv1], groups)
-    conv1 = conv_config(shape1) or (graph_plan(shape1) if groups == 1 else None)
-    conv2 = conv_config(fused_conv2_shape(first, input_shapes, groups))
+    conv1 = conv_config(shape1) or graph_plan(shape1)
+    shape2 = fused_conv2_shape(first, input_shapes, groups)
+    conv2 = conv_config(shape2) or (graph_plan(shape2) if not shape2.shortcut else None)
     return None if conv1 is None or conv2 is None else FusedResnet(blocks, conv1, conv2)
 
 

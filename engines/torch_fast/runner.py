@@ -304,7 +304,8 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
     layers = StepLayers()
     folded = set()
     if twin:  # built from the unswapped layers; its own stacked weights from here on
-        layers.twin = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config, fuse_resnets=fuse)
+        layers.twin = TwinEncoder(bundle.unet, bundle.controlnet, sizes, triton_config, fuse_resnets=fuse,
+                                  graph_plan=graph_plan)
         folded |= layers.twin.fused_blocks
     for i, block in enumerate(decoder_blocks):
         fused = fused_if_tuned((block,), sizes, triton_config, graph_plan) if block in fusable else None

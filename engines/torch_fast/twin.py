@@ -333,11 +333,14 @@ class TwinEncoder(nn.Module):
     conv_config(shape) gives the Triton config for a pair of convolutions (None: conv2d per half).
     fuse_resnets: ResNet pairs whose convolutions both have configs run as `FusedResnet`. `fused_blocks` then
     lists the diffusers blocks whose conv1.bias the time table must carry (fused_resnet.fold_conv1_bias).
+    graph_plan(shape): the cuDNN graph-API engine config the tuner chose for a pair (None: none), which a
+    FusedResnet may run instead (`fused_if_tuned`).
     """
 
     def __init__(self, unet, controlnet, input_shapes: dict,
                  conv_config: Callable[[ConvShape], "ConvConfig | None"] = lambda shape: None,
-                 fuse_resnets: bool = False):
+                 fuse_resnets: bool = False,
+                 graph_plan: Callable[[ConvShape], "str | None"] = lambda shape: None):
         super().__init__()
         if not can_pair(unet, controlnet):
             raise ValueError("the ControlNet's encoder does not have the UNet encoder's layout: cannot pair them")
@@ -350,7 +353,7 @@ class TwinEncoder(nn.Module):
         self.fused_blocks: set = set()
 
         def resnet(pair):
-            fused = fused_if_tuned(pair, input_shapes, conv_config) if fuse_resnets else None
+            fused = fused_if_tuned(pair, input_shapes, conv_config, graph_plan) if fuse_resnets else None
             if fused is not None:
                 self.fused_blocks.update(pair)
                 return fused
