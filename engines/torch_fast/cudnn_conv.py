@@ -11,9 +11,10 @@ kept; a call then only binds pointers and launches. Images and outputs are chann
 k) channels_last (cuDNN's KRSC), fp16 in and out, fp32 accumulation. No bias: the consumer adds it (under
 torch.compile it fuses into the next kernel, which reads the output anyway).
 
-`conv2d_groups` runs the twin encoder's pairs (G convolutions with their own weights over G equal slices of the
-batch, as `triton_conv`'s groups): one call per group, group 0 on the current stream and the others on a side
-stream that forks from and joins it, so that the two halves run side by side (also inside a captured graph).
+`run_groups` (what `conv2d` calls for (G, Cout, Cin, k, k) weights) runs the twin encoder's pairs: G convolutions
+with their own weights over G equal slices of the batch, as `triton_conv`'s groups. One call per group, group 0 on
+the current stream and the others on a side stream that forks from and joins it, so that the halves run side by
+side (also inside a captured graph). The H100 A/Bs of both uses are in bench/NOTES.md, fifteenth session.
 """
 
 from __future__ import annotations
