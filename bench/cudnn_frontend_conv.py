@@ -4,11 +4,12 @@ Why: torch reaches cuDNN through its legacy convolution API, which ran Ampere-er
 (sm80_xmma_..., bench/NOTES.md) and lost to our Triton kernels on every shape. cuDNN 9's graph API (the
 cudnn-frontend package, carried as a wheel) can enumerate all engine configs for a convolution, Hopper-native ones
 included. This script builds one graph per shape (NHWC fp16 in and out, KRSC weights, fp32 accumulation), builds
-every plan the heuristics (modes A, B and the fallback list) propose, checks each against F.conv2d, and times it as
-the conv tuner times its candidates (CUDA graph over rotating inputs, `conv_tuning.graph_time_us`), beside our
-Triton kernel with the tuned table's config and torch's own cuDNN call, in the same process.
+the first --max-plans configs the heuristics (modes A, B and the fallback list) propose, and checks and times each
+as the conv tuner does (`conv_tuning.measure_graph_api_plan`), beside our Triton kernel with the tuned table's config
+and torch's own cuDNN call, in the same process.
 
-Twin shapes (g2: two weight sets) are timed as one convolution over all images with one weight: the same work.
+Here twin shapes (g2: two weight sets) are timed as one convolution over all images with one weight: the same work.
+`--upgrade-table` runs the tuner's own path instead (pairs as one call per network on two streams).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from engines.torch_fast import conv_tuning, cudnn_conv
 from engines.torch_fast.compile import device_artifact_dir
 from engines.torch_fast.conv_tuning import (ConvChoice, ConvShape, TuningTable, conv_inputs, graph_time_us,
-                                            triton_call)
+                                            measure_graph_api_plan, triton_call)
 
 from bench.conv_tma import TORCH_ARTIFACTS
 
@@ -55,24 +56,13 @@ def bench_shape(s: ConvShape, table: "TuningTable | None", max_plans: int) -> di
         row["triton_us"] = graph_time_us(lambda i: lambda: triton_call(s, t, i, cfg))
         row["triton_cfg"] = str(cfg)
     names = cudnn_conv.plan_names(xs[0], ws[0], s.padding)
-    plans = []
-    for i, name in enumerate(names[:max_plans]):
-        try:
-            first = cudnn_conv.run(xs[0], ws[0], s.padding, name)
-            again = cudnn_conv.run(xs[0], ws[0], s.padding, name)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001  (a config the backend cannot build or run on this GPU)
-            plans.append({"index": i, "name": name, "error": str(e)[:120]})
-            continue
-        err = ((first.float() - ref).norm() / ref.norm()).item()
-        same = torch.equal(first, again)
-        us = (graph_time_us(lambda j, name=name: lambda: cudnn_conv.run(xs[j], ws[j], s.padding, name))
-              if err < 2e-3 and same else float("nan"))
-        plans.append({"index": i, "name": name, "rel_err": err, "repeatable": same, "us": us})
-    count = len(names)
+    plans = [{"index": i, "name": name,
+              **measure_graph_api_plan(lambda j, name=name: lambda: cudnn_conv.run(xs[j], ws[j], s.padding, name),
+                                       ref)}
+             for i, name in enumerate(names[:max_plans])]
     ok = [p for p in plans if "us" in p and p["us"] == p["us"]]
     row["plans"] = plans
-    row["plan_count"] = count
+    row["plan_count"] = len(names)
     if ok:
         best = min(ok, key=lambda p: p["us"])
         row["cudnn_fe_us"], row["cudnn_fe_plan"] = best["us"], best["name"]

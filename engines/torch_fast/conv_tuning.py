@@ -232,11 +232,24 @@ def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str
     return cudnn_conv.run(t.xs[i], weights[i], s.padding, plan)
 
 
+def measure_graph_api_plan(call: Callable[[int], Callable[[], torch.Tensor]], ref: torch.Tensor) -> dict:
+    """One cuDNN graph-API engine config, call(i) running it on argument set i: run twice on set 0, then timed
+    (`graph_time_us`) only if the two runs gave the same bytes and the result is within MAX_RELATIVE_ERROR of ref.
+    -> {"error": why} when it cannot build or run here, else {"rel_err", "repeatable", "us" (nan: not timed)}."""
+    try:
+        first, again = call(0)(), call(0)()
+        err, same = relative_error(first, ref), torch.equal(first, again)
+    except Exception as e:  # noqa: BLE001  (a config this GPU cannot build or run)
+        return {"error": f"{type(e).__name__}: {str(e)[:100]}"}
+    us = graph_time_us(call) if same and err < MAX_RELATIVE_ERROR else float("nan")
+    return {"rel_err": err, "repeatable": same, "us": us}
+
+
 def tune_graph_api(s: ConvShape, t: ConvInputs, best: "ConvChoice", max_plans: int = GRAPH_API_PLANS
                    ) -> "ConvChoice":
     """`best`, or a faster cuDNN graph-API engine config: each of the first max_plans the heuristics rank is
     built, checked against torch's cuDNN call (without the bias: these configs leave it to the consumer) and for
-    bitwise repeatability (the same call twice must give the same bytes), and timed."""
+    bitwise repeatability (the same call twice must give the same bytes), and timed (`measure_graph_api_plan`)."""
     weights = graph_api_weights(t)
     ref = torch.cat([F.conv2d(x, w, None, s.stride, s.padding)
                      for x, w in zip(t.xs[0].chunk(s.groups), t.ws[0])]).float()
@@ -244,22 +257,15 @@ def tune_graph_api(s: ConvShape, t: ConvInputs, best: "ConvChoice", max_plans: i
     names = cudnn_conv.plan_names(*one, s.padding)[:max_plans]
     wrong = 0
     for plan in names:
-        try:
-            first = graph_api_call(s, t, weights, 0, plan)
-            again = graph_api_call(s, t, weights, 0, plan)
-        except Exception as e:  # noqa: BLE001  (a config this GPU cannot build or run)
-            print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: {type(e).__name__}: {str(e)[:100]}",
-                  file=sys.stderr)
-            continue
-        if not torch.equal(first, again):
+        result = measure_graph_api_plan(lambda i, plan=plan: lambda: graph_api_call(s, t, weights, i, plan), ref)
+        if "error" in result:
+            print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: {result['error']}", file=sys.stderr)
+        elif not result["repeatable"]:
             print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: not repeatable", file=sys.stderr)
-            continue
-        if not relative_error(first, ref) < MAX_RELATIVE_ERROR:
+        elif not result["rel_err"] < MAX_RELATIVE_ERROR:
             wrong += 1
-            continue
-        us = graph_time_us(lambda i, plan=plan: lambda: graph_api_call(s, t, weights, i, plan))
-        if us < best.best_us:
-            best = ConvChoice("cudnn_graph", None, best.cudnn_us, us, plan)
+        elif result["us"] < best.best_us:
+            best = ConvChoice("cudnn_graph", None, best.cudnn_us, result["us"], plan)
     if wrong:
         print(f"[conv-tuning] {s.key}: {wrong} of {len(names)} cuDNN graph-API configs skipped (relative error over "
               f"{MAX_RELATIVE_ERROR:g} against torch's cuDNN call)", file=sys.stderr)

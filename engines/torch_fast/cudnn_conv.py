@@ -8,7 +8,7 @@ graph API's configs, and the step runs the winner by name: `conv2d(x, weight, pa
 
 The graph of a shape is built on first use (outside CUDA-graph capture: the runner warms every part up first) and
 kept; a call then only binds pointers and launches. Images and outputs are channels_last, weights (Cout, Cin, k,
-k) channels_last (cuDNN's KRSC), fp16 in and out, fp32 accumulation. No bias: the consumer adds it (under
+k) channels_last (cuDNN's KRSC), fp16 in and out, fp32 accumulation. No bias: `with_bias` adds it after (under
 torch.compile it fuses into the next kernel, which reads the output anyway).
 
 `run_groups` (what `conv2d` calls for (G, Cout, Cin, k, k) weights) runs the twin encoder's pairs: G convolutions
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engines.torch_fast import triton_conv
 from profiles.config import env_flag
 
 try:
@@ -79,15 +80,23 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), tuple(t.stride())
 
 
-def output_shape(x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, int, int, int]:
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
-    return n, weight.shape[0], h + 2 * padding - k + 1, w + 2 * padding - k + 1
-
-
 def _empty_output(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
-    return torch.empty(output_shape(x, weight, padding), device=x.device, dtype=x.dtype,
-                       memory_format=torch.channels_last)
+    """The channels_last output of a stride-1 convolution of x by (Cout, Cin, k, k) weights."""
+    n, _, h, w = x.shape
+    oh, ow = triton_conv.output_size(h, w, weight.shape[-1], 1, padding)
+    return torch.empty(n, weight.shape[0], oh, ow, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+
+
+def with_bias(y: torch.Tensor, bias: torch.Tensor, groups: int = 1,
+              residual: "torch.Tensor | None" = None) -> torch.Tensor:
+    """y + bias (+ residual), summed in fp32 and rounded once, as the Triton kernels' epilogue adds them: what a
+    graph-API convolution (no bias of its own) is followed by. bias (C,) or (groups, C), one row per slice of the
+    batch; under torch.compile this fuses into the next kernel."""
+    n, c, h, w = y.shape
+    out = y.float().view(groups, n // groups, c, h, w) + bias.float().view(-1, 1, c, 1, 1)
+    if residual is not None:
+        out = out + residual.float().view(groups, n // groups, c, h, w)
+    return out.view(n, c, h, w).to(y.dtype)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -186,8 +195,7 @@ def run_groups(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str) 
         raise ValueError(f"need weights (G, Cout, Cin, k, k) and N divisible by G; got {tuple(weights.shape)}, "
                          f"N={x.shape[0]}")
     n = x.shape[0] // groups
-    y = torch.empty(output_shape(x, weights[0], padding), device=x.device, dtype=x.dtype,
-                    memory_format=torch.channels_last)
+    y = _empty_output(x, weights[0], padding)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     side.wait_stream(main)

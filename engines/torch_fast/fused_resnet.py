@@ -101,24 +101,17 @@ class FusedResnet(nn.Module):
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
         h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
         if self.conv1_plan is not None:
-            h = self._add_bias(cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan), conv1_bias)
+            h = cudnn_conv.with_bias(cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan), conv1_bias,
+                                     self.groups)
         else:
             h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
         h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         if self.conv2_plan is not None:
-            return self._add_bias(cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan), self.conv2_bias, x)
+            return cudnn_conv.with_bias(cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan),
+                                        self.conv2_bias, self.groups, residual=x)
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)
-
-    def _add_bias(self, y: torch.Tensor, bias: torch.Tensor, residual: "torch.Tensor | None" = None) -> torch.Tensor:
-        """y + bias (C,) or (groups, C), one per slice of the batch (+ residual), summed in fp32 and rounded once:
-        what the Triton kernel's epilogue adds to a cuDNN graph-API convolution's output."""
-        n, c, h, w = y.shape
-        out = y.float().view(self.groups, n // self.groups, c, h, w) + bias.float().view(-1, 1, c, 1, 1)
-        if residual is not None:
-            out = out + residual.float().view(self.groups, n // self.groups, c, h, w)
-        return out.view(n, c, h, w).to(y.dtype)
 
 
 def _krsc(weights: list) -> nn.Parameter:

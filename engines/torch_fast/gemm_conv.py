@@ -104,7 +104,7 @@ class CudnnGraphConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cudnn_conv.conv2d(x, self.weight, self.padding, self.plan)
-        return y if self.bias is None else (y.float() + self.bias.float().reshape(1, -1, 1, 1)).to(y.dtype)
+        return y if self.bias is None else cudnn_conv.with_bias(y, self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, padding={self.padding}, "

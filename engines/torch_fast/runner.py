@@ -324,8 +324,8 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
             return None
         swapped = pointwise_as_matmul(conv, shape)
         if swapped is None and triton_candidate(conv):
-            config = triton_config(ConvShape.of(conv, shape))
-            plan = graph_plan(ConvShape.of(conv, shape))
+            tuned = ConvShape.of(conv, shape)
+            config, plan = triton_config(tuned), graph_plan(tuned)
             if config is not None:
                 swapped = TritonConv2d(conv, config)
             elif plan is not None:
