@@ -46,18 +46,19 @@ def bench_shape(s: ConvShape, table: "TuningTable | None", max_plans: int) -> di
           .contiguous(memory_format=torch.channels_last) for _ in range(copies)]
     ws = [(torch.randn(s.cout, s.c, s.kernel, s.kernel, device=dev, dtype=torch.half, generator=gen) * 0.02)
           .contiguous(memory_format=torch.channels_last) for _ in range(copies)]
-    ref = F.conv2d(xs[0], ws[0], padding=s.padding).float()
-    flop = 2.0 * n * s.h * s.w * s.cout * s.c * s.kernel * s.kernel
+    ref = F.conv2d(xs[0], ws[0], stride=s.stride, padding=s.padding).float()
+    flop = 2.0 * n * s.h * s.w * s.cout * s.c * s.kernel * s.kernel / s.stride ** 2
     row = {"shape": s.key, "gflop": flop / 1e9}
-    row["torch_cudnn_us"] = graph_time_us(lambda i: lambda: F.conv2d(xs[i], ws[i], padding=s.padding))
+    row["torch_cudnn_us"] = graph_time_us(lambda i: lambda: F.conv2d(xs[i], ws[i], stride=s.stride, padding=s.padding))
     if table is not None and s.key in table.choices and table.choices[s.key].config is not None:
         t = conv_inputs(s)
         cfg = table.choices[s.key].config
         row["triton_us"] = graph_time_us(lambda i: lambda: triton_call(s, t, i, cfg))
         row["triton_cfg"] = str(cfg)
-    names = cudnn_conv.plan_names(xs[0], ws[0], s.padding)
+    names = cudnn_conv.plan_names(xs[0], ws[0], s.padding, s.stride)
     plans = [{"index": i, "name": name,
-              **measure_graph_api_plan(lambda j, name=name: lambda: cudnn_conv.run(xs[j], ws[j], s.padding, name),
+              **measure_graph_api_plan(lambda j, name=name: lambda: cudnn_conv.run(xs[j], ws[j], s.padding, name,
+                                                                                   stride=s.stride),
                                        ref)}
              for i, name in enumerate(names[:max_plans])]
     ok = [p for p in plans if "us" in p and p["us"] == p["us"]]

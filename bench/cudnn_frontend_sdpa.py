@@ -51,7 +51,7 @@ def sweep(cudnn, handle, shape, max_plans: int) -> list[dict]:
              "us": graph_time_us(lambda i: lambda: F.scaled_dot_product_attention(qs[i], ks[i], vs[i])),
              "kernels": _kernels(lambda: F.scaled_dot_product_attention(qs[0], ks[0], vs[0]))}]
     impls = getattr(cudnn, "attention_implementation", None)
-    for impl in ([None] if impls is None else list(impls.__members__.values())):
+    for impl in [None] + ([] if impls is None else list(impls.__members__.values())):
         g = cudnn.pygraph(io_data_type=cudnn.data_type.HALF, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
         tq, tk, tv = (g.tensor(name=n, dim=list(x.shape), stride=list(x.stride()), data_type=cudnn.data_type.HALF)

@@ -32,7 +32,9 @@ from engines.torch_fast.triton_conv import ConvConfig
 
 TABLE_FILE = "conv_tuning.json"
 # Bump when what is timed or the search space changes: part of the artifact key, so old tables are re-measured.
-TUNING_VERSION = 5  # 3: TMA kernel configs (session 6); 4: cuDNN graph-API configs; 5: also for twin pairs (session 15)
+# 3: TMA kernel configs (session 6); 4: cuDNN graph-API configs; 5: also for twin pairs (session 15); 6: also with a
+# 1x1 shortcut and at stride 2 (session 16)
+TUNING_VERSION = 6
 _ROTATE = 3
 _REPEAT = 4
 # A Triton config whose result is further than this from cuDNN's (relative L2) is never chosen: correct configs
@@ -41,6 +43,14 @@ MAX_RELATIVE_ERROR = 2e-3
 # cuDNN graph-API engine configs timed per shape (the heuristics' ranking first; 119 were offered for each 32x48 and
 # 16x24 shape on an H200, and the best of the first 24 won by up to 35%: bench/NOTES.md, session 15)
 GRAPH_API_PLANS = 64
+# A graph-API conv2 with a 1x1 shortcut is two kernels (cuDNN's, then cuBLAS's GEMM into its output); neither
+# overlaps its launch with the kernel before it as our PDL-launched Triton kernels do. In the loop that cost about
+# 2 us a call beyond what the isolated timing shows (H100 A/B, session 16: the choices that won by less than this
+# moved the loop by nothing), so such a choice must win by this much.
+SHORTCUT_MARGIN_US = 2.0
+# Strides whose 3x3 shapes are offered to the graph API's configs (the step runs stride 2 only in the twin's
+# downsampler pairs)
+GRAPH_API_STRIDES = (1, 2)
 _KEY = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)->(\d+) k(\d+) s(\d+) p(\d+)(?: g(\d+))?(?: \+1x1\((\d+)\))?")
 
 
@@ -211,12 +221,13 @@ def triton_call(s: ConvShape, t: ConvInputs, i: int, cfg: ConvConfig, sum_only: 
 
 
 def graph_api_candidate(s: ConvShape) -> bool:
-    """Shapes whose cuDNN graph-API configs are timed: 3x3 'same' convolutions without a fused shortcut, channel
-    counts cuDNN's tensor-core engines take. Groups (the twin's pairs) run one call per group, side by side on two
-    streams (`cudnn_conv.run_groups`). In the step these are the ResNet blocks' conv1s and, where the residual is
-    the identity, their conv2s; the 2x2 upsampler convolutions are left out."""
-    return (cudnn_conv.available() and not s.shortcut and s.stride == 1 and s.kernel == 3 and s.padding == 1
-            and s.c % 8 == 0 and s.cout % 8 == 0)
+    """Shapes whose cuDNN graph-API configs are timed: 3x3 convolutions with padding 1 (stride in
+    GRAPH_API_STRIDES), channel counts cuDNN's tensor-core engines take. Groups (the twin's pairs) run one call per
+    group, side by side on two streams (`cudnn_conv.run_groups`); a fused 1x1 shortcut runs as a cuBLAS GEMM that
+    accumulates into the convolution's output. In the step these are the ResNet blocks' convolutions and the
+    twin's downsamplers; the 2x2 upsampler convolutions are left out."""
+    return (cudnn_conv.available() and s.stride in GRAPH_API_STRIDES and s.kernel == 3 and s.padding == 1
+            and s.c % 8 == 0 and s.cout % 8 == 0 and s.shortcut % 8 == 0)
 
 
 def graph_api_weights(t: ConvInputs) -> list:
@@ -226,10 +237,32 @@ def graph_api_weights(t: ConvInputs) -> list:
             for w in t.ws]
 
 
-def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str) -> torch.Tensor:
+def graph_api_shortcut_weights(t: ConvInputs) -> list:
+    """The rotating 1x1 shortcut weights as `cudnn_conv.run` reads them: (Cs, Cout), or (G, Cs, Cout) for groups
+    (None without a shortcut)."""
+    return [None if w is None else (w[..., 0, 0].transpose(1, 2).contiguous() if w.shape[0] > 1
+                                    else w[0, :, :, 0, 0].t().contiguous()) for w in t.w2s]
+
+
+def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str,
+                   shortcut_weights: "list | None" = None) -> torch.Tensor:
+    w2 = None if shortcut_weights is None else shortcut_weights[i]
     if s.groups > 1:
-        return cudnn_conv.run_groups(t.xs[i], weights[i], s.padding, plan)
-    return cudnn_conv.run(t.xs[i], weights[i], s.padding, plan)
+        return cudnn_conv.run_groups(t.xs[i], weights[i], s.padding, plan, s.stride, t.x2s[i], w2)
+    return cudnn_conv.run(t.xs[i], weights[i], s.padding, plan, stride=s.stride, shortcut=t.x2s[i],
+                          shortcut_weight=w2)
+
+
+def reference_without_bias(s: ConvShape, t: ConvInputs) -> torch.Tensor:
+    """Argument set 0 through torch's convolutions (cuDNN), without the bias, in fp32: what a graph-API config
+    (and its shortcut GEMM) must match."""
+    outs = []
+    for j, x in enumerate(t.xs[0].chunk(s.groups)):
+        y = F.conv2d(x, t.ws[0][j], None, s.stride, s.padding).float()
+        if s.shortcut:
+            y = y + F.conv2d(t.x2s[0].chunk(s.groups)[j], t.w2s[0][j]).float()
+        outs.append(y)
+    return torch.cat(outs)
 
 
 def measure_graph_api_plan(call: Callable[[int], Callable[[], torch.Tensor]], ref: torch.Tensor) -> dict:
@@ -250,21 +283,22 @@ def tune_graph_api(s: ConvShape, t: ConvInputs, best: "ConvChoice", max_plans: i
     """`best`, or a faster cuDNN graph-API engine config: each of the first max_plans the heuristics rank is
     built, checked against torch's cuDNN call (without the bias: these configs leave it to the consumer) and for
     bitwise repeatability (the same call twice must give the same bytes), and timed (`measure_graph_api_plan`)."""
-    weights = graph_api_weights(t)
-    ref = torch.cat([F.conv2d(x, w, None, s.stride, s.padding)
-                     for x, w in zip(t.xs[0].chunk(s.groups), t.ws[0])]).float()
+    weights, shortcut_weights = graph_api_weights(t), graph_api_shortcut_weights(t)
+    ref = reference_without_bias(s, t)
+    margin = SHORTCUT_MARGIN_US if s.shortcut else 0.0
     one = (t.xs[0][:t.xs[0].shape[0] // s.groups], weights[0] if s.groups == 1 else weights[0][0])
-    names = cudnn_conv.plan_names(*one, s.padding)[:max_plans]
+    names = cudnn_conv.plan_names(*one, s.padding, s.stride)[:max_plans]
     wrong = 0
     for plan in names:
-        result = measure_graph_api_plan(lambda i, plan=plan: lambda: graph_api_call(s, t, weights, i, plan), ref)
+        result = measure_graph_api_plan(
+            lambda i, plan=plan: lambda: graph_api_call(s, t, weights, i, plan, shortcut_weights), ref)
         if "error" in result:
             print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: {result['error']}", file=sys.stderr)
         elif not result["repeatable"]:
             print(f"[conv-tuning] skipped cuDNN {plan} for {s.key}: not repeatable", file=sys.stderr)
         elif not result["rel_err"] < MAX_RELATIVE_ERROR:
             wrong += 1
-        elif result["us"] < best.best_us:
+        elif result["us"] + margin < best.best_us + (margin if best.backend == "cudnn_graph" else 0.0):
             best = ConvChoice("cudnn_graph", None, best.cudnn_us, result["us"], plan)
     if wrong:
         print(f"[conv-tuning] {s.key}: {wrong} of {len(names)} cuDNN graph-API configs skipped (relative error over "

@@ -1,4 +1,4 @@
-"""kxk stride-1 convolutions through cuDNN's graph API (the cudnn-frontend package), on a named engine config.
+"""kxk convolutions (stride 1 or 2) through cuDNN's graph API (the cudnn-frontend package), on a named engine config.
 
 Why: torch calls cuDNN through its legacy convolution API, which takes the heuristics' first engine config. On the
 H200 that config is among the slowest the graph API offers for the step's 32x48 and 16x24 convolutions: for
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -80,10 +81,10 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), tuple(t.stride())
 
 
-def _empty_output(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """The channels_last output of a stride-1 convolution of x by (Cout, Cin, k, k) weights."""
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, padding: int, stride: int = 1) -> torch.Tensor:
+    """The channels_last output of a convolution of x by (Cout, Cin, k, k) weights."""
     n, _, h, w = x.shape
-    oh, ow = triton_conv.output_size(h, w, weight.shape[-1], 1, padding)
+    oh, ow = triton_conv.output_size(h, w, weight.shape[-1], stride, padding)
     return torch.empty(n, weight.shape[0], oh, ow, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
@@ -110,9 +111,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
             raise ValueError(f"{name} must be channels_last")
 
 
-def _graph_for(x: torch.Tensor, weight: torch.Tensor, padding: int) -> _Graph:
+def _graph_for(x: torch.Tensor, weight: torch.Tensor, padding: int, stride: int = 1) -> _Graph:
     """The graph of this shape (built once per shape, layout and device), with its engine configs listed."""
-    key = (x.device.index, _layout(x), _layout(weight), padding)
+    key = (x.device.index, _layout(x), _layout(weight), padding, stride)
     with _lock:
         found = _graphs.get(key)
     if found is not None:
@@ -122,9 +123,9 @@ def _graph_for(x: torch.Tensor, weight: torch.Tensor, padding: int) -> _Graph:
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
     tx = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=cudnn.data_type.HALF)
     tw = g.tensor(name="W", dim=list(weight.shape), stride=list(weight.stride()), data_type=cudnn.data_type.HALF)
-    ty = g.conv_fprop(image=tx, weight=tw, padding=[padding, padding], stride=[1, 1], dilation=[1, 1],
+    ty = g.conv_fprop(image=tx, weight=tw, padding=[padding, padding], stride=[stride, stride], dilation=[1, 1],
                       compute_data_type=cudnn.data_type.FLOAT, name="conv")
-    y = _empty_output(x, weight, padding)
+    y = _empty_output(x, weight, padding, stride)
     ty.set_output(True).set_data_type(cudnn.data_type.HALF).set_dim(list(y.shape)).set_stride(list(y.stride()))
     g.validate()
     g.build_operation_graph()
@@ -136,11 +137,11 @@ def _graph_for(x: torch.Tensor, weight: torch.Tensor, padding: int) -> _Graph:
         return _graphs.setdefault(key, entry)
 
 
-def plan_names(x: torch.Tensor, weight: torch.Tensor, padding: int) -> list[str]:
+def plan_names(x: torch.Tensor, weight: torch.Tensor, padding: int, stride: int = 1) -> list[str]:
     """The engine configs cuDNN's heuristics (modes A, B, then the fallback list) propose for this shape, best
     ranked first. Not every one builds on every GPU."""
     _check(x, weight)
-    return list(_graph_for(x, weight, padding).names)
+    return list(_graph_for(x, weight, padding, stride).names)
 
 
 def _select(entry: _Graph, plan: str) -> None:
@@ -154,19 +155,29 @@ def _select(entry: _Graph, plan: str) -> None:
         entry.built = index
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) map as its (N*H*W, C) rows (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def run(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str,
-        out: "torch.Tensor | None" = None) -> torch.Tensor:
-    """conv2d(x, weight, padding=padding) on engine config `plan`, on the current stream (capturable)."""
+        out: "torch.Tensor | None" = None, stride: int = 1, shortcut: "torch.Tensor | None" = None,
+        shortcut_weight: "torch.Tensor | None" = None) -> torch.Tensor:
+    """conv2d(x, weight, stride, padding) on engine config `plan`, on the current stream (capturable).
+    shortcut (N, Cs, OH, OW) channels_last with shortcut_weight (Cs, Cout): plus that 1x1 convolution, a cuBLAS
+    GEMM accumulating into the output (ResNet conv2 + its 1x1 shortcut)."""
     _check(x, weight)
-    entry = _graph_for(x, weight, padding)
+    entry = _graph_for(x, weight, padding, stride)
     with _lock:
         _select(entry, plan)
         workspace = torch.empty(max(entry.workspace, 1), device=x.device, dtype=torch.uint8)
-        y = _empty_output(x, weight, padding) if out is None else out
+        y = _empty_output(x, weight, padding, stride) if out is None else out
         handle = _handle(x.device)
         cudnn.set_stream(handle, torch.cuda.current_stream(x.device).cuda_stream)
         entry.graph.execute_plan_at_index({entry.x: x, entry.w: weight, entry.y: y}, workspace, entry.built,
                                           handle=handle)
+    if shortcut is not None:
+        _rows(y).addmm_(_rows(shortcut), shortcut_weight)
     return y
 
 
@@ -186,53 +197,72 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
         return _side_streams[index]
 
 
-def run_groups(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+def run_groups(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str, stride: int = 1,
+               shortcut: "torch.Tensor | None" = None, shortcut_weights: "torch.Tensor | None" = None
+               ) -> torch.Tensor:
     """G convolutions in one call: images [g*N/G, (g+1)*N/G) with weights[g] (G, Cout, Cin, k, k), each group's
     channels_last (`stacked_krsc`), all on engine config `plan` (tuned for one group's shape). Group 0 runs on the
-    current stream, the rest on a side stream forked from it and joined back before returning."""
+    current stream, the rest on a side stream forked from it and joined back before returning. shortcut and
+    shortcut_weights (G, Cs, Cout): each group's 1x1 shortcut as in `run`."""
     groups = weights.shape[0]
     if weights.dim() != 5 or x.shape[0] % groups:
         raise ValueError(f"need weights (G, Cout, Cin, k, k) and N divisible by G; got {tuple(weights.shape)}, "
                          f"N={x.shape[0]}")
     n = x.shape[0] // groups
-    y = _empty_output(x, weights[0], padding)
+    y = _empty_output(x, weights[0], padding, stride)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     side.wait_stream(main)
     for g in range(groups):
         with torch.cuda.stream(main if g == 0 else side):
-            run(x[g * n:(g + 1) * n], weights[g], padding, plan, out=y[g * n:(g + 1) * n])
+            run(x[g * n:(g + 1) * n], weights[g], padding, plan, out=y[g * n:(g + 1) * n], stride=stride,
+                shortcut=None if shortcut is None else shortcut[g * n:(g + 1) * n],
+                shortcut_weight=None if shortcut is None else shortcut_weights[g])
     main.wait_stream(side)
     return y
 
 
 if cudnn is not None:
 
+    # Optional[...], not 'X | None': custom_op's schema inference does not read PEP 604 unions
     @torch.library.custom_op("cnrt::cudnn_conv2d_groups", mutates_args=(), device_types="cuda")
-    def _conv_groups_op(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+    def _conv_groups_op(x: torch.Tensor, weights: torch.Tensor, padding: int, plan: str, stride: int = 1,
+                        shortcut: Optional[torch.Tensor] = None, shortcut_weights: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
         """`run_groups` as an operator torch.compile keeps whole."""
-        return run_groups(x.contiguous(memory_format=torch.channels_last), weights, padding, plan)
+        if shortcut is not None:
+            shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+        return run_groups(x.contiguous(memory_format=torch.channels_last), weights, padding, plan, stride,
+                          shortcut, shortcut_weights)
 
     @_conv_groups_op.register_fake
-    def _(x, weights, padding, plan):
-        return _empty_output(x, weights[0], padding)
+    def _(x, weights, padding, plan, stride=1, shortcut=None, shortcut_weights=None):
+        return _empty_output(x, weights[0], padding, stride)
 
     @torch.library.custom_op("cnrt::cudnn_conv2d", mutates_args=(), device_types="cuda")
-    def _conv_op(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
+    def _conv_op(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str, stride: int = 1,
+                 shortcut: Optional[torch.Tensor] = None, shortcut_weight: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
         """`run` as an operator torch.compile keeps whole (one extern call in the compiled part)."""
+        if shortcut is not None:
+            shortcut = shortcut.contiguous(memory_format=torch.channels_last)
         return run(x.contiguous(memory_format=torch.channels_last),
-                   weight.contiguous(memory_format=torch.channels_last), padding, plan)
+                   weight.contiguous(memory_format=torch.channels_last), padding, plan, stride=stride,
+                   shortcut=shortcut, shortcut_weight=shortcut_weight)
 
     @_conv_op.register_fake
-    def _(x, weight, padding, plan):
-        return _empty_output(x, weight, padding)
+    def _(x, weight, padding, plan, stride=1, shortcut=None, shortcut_weight=None):
+        return _empty_output(x, weight, padding, stride)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str) -> torch.Tensor:
-    """conv2d(x, weight, padding=padding), no bias, through cuDNN engine config `plan` (a name `plan_names` gave).
-    weight (G, Cout, Cin, k, k) (`stacked_krsc`): G convolutions over G slices of the batch (`run_groups`)."""
+def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int, plan: str, stride: int = 1,
+           shortcut: "torch.Tensor | None" = None, shortcut_weight: "torch.Tensor | None" = None) -> torch.Tensor:
+    """conv2d(x, weight, stride, padding), no bias, through cuDNN engine config `plan` (a name `plan_names` gave),
+    plus shortcut's 1x1 convolution by shortcut_weight (Cs, Cout) if given.
+    weight (G, Cout, Cin, k, k) (`stacked_krsc`), shortcut_weight (G, Cs, Cout): G convolutions over G slices of
+    the batch (`run_groups`)."""
     if cudnn is None:
         raise RuntimeError("cuDNN graph-API convolutions need the nvidia-cudnn-frontend package")
     if weight.dim() == 5:
-        return torch.ops.cnrt.cudnn_conv2d_groups(x, weight, padding, plan)
-    return torch.ops.cnrt.cudnn_conv2d(x, weight, padding, plan)
+        return torch.ops.cnrt.cudnn_conv2d_groups(x, weight, padding, plan, stride, shortcut, shortcut_weight)
+    return torch.ops.cnrt.cudnn_conv2d(x, weight, padding, plan, stride, shortcut, shortcut_weight)

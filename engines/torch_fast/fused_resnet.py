@@ -7,7 +7,8 @@ Why: compiled by Inductor, a ResNet block of the step is about seven kernels: Gr
     GN1 + SiLU                      Inductor (statistics + apply)
     conv1 + (bias + temb)           one kernel; bias + temb is a row of the time table (see `fold_conv1_bias`)
                                     (or, where the tuner chose a cuDNN graph-API config, that convolution, the
-                                    row added by Inductor in the next kernel; likewise conv2 + residual)
+                                    row added by Inductor in the next kernel; likewise conv2 + residual, the
+                                    1x1 shortcut then a cuBLAS GEMM accumulating into conv2's output)
     GN2 + SiLU                      Inductor
     conv2 + shortcut + residual     one kernel: the 1x1 shortcut's weights are extra K rows of conv2's GEMM
                                     (`triton_conv`), or the identity residual is added in its epilogue
@@ -59,8 +60,9 @@ class FusedResnet(nn.Module):
     """blocks: one ResnetBlock2D, or a (UNet, ControlNet) pair run as groups over the two halves of the batch.
 
     forward(x, conv1_bias): conv1_bias is conv1.bias + time_emb_proj(silu(emb)), (C,) or (groups, C).
-    conv1_config, conv2_config: Triton configs, or names of cuDNN graph-API engine configs (`cudnn_conv`; conv2's
-    only without a shortcut: the identity residual and the biases are then added by the next kernel)."""
+    conv1_config, conv2_config: Triton configs, or names of cuDNN graph-API engine configs (`cudnn_conv`: the
+    biases and an identity residual are then added by the next kernel, a 1x1 shortcut by a GEMM into conv2's
+    output)."""
 
     def __init__(self, blocks: tuple, conv1_config: "ConvConfig | str", conv2_config: "ConvConfig | str"):
         super().__init__()
@@ -84,15 +86,16 @@ class FusedResnet(nn.Module):
         self.norm2_bias = stacked(lambda b: b.norm2.bias)
         self.conv1_plan = conv1_config if isinstance(conv1_config, str) else None
         self.conv2_plan = conv2_config if isinstance(conv2_config, str) else None
-        if self.conv2_plan is not None and self.has_shortcut:
-            raise ValueError("a cuDNN graph-API conv2 has no shortcut to fold: only blocks with an identity residual")
         if self.conv1_plan is not None:
             self.conv1_weight = _krsc([b.conv1.weight for b in blocks])
         else:
             self.conv1_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv1.weight))
         sc = (lambda b: b.conv_shortcut.weight) if self.has_shortcut else (lambda b: None)
+        self.shortcut_weight = None
         if self.conv2_plan is not None:
             self.conv2_weight = _krsc([b.conv2.weight for b in blocks])
+            if self.has_shortcut:  # (Cs, Cout), or (G, Cs, Cout) for a pair
+                self.shortcut_weight = stacked(lambda b: b.conv_shortcut.weight[:, :, 0, 0].t())
         else:
             self.conv2_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv2.weight, sc(b)))
         self.conv2_bias = stacked(lambda b: b.conv2.bias + (b.conv_shortcut.bias if self.has_shortcut
@@ -107,8 +110,9 @@ class FusedResnet(nn.Module):
             h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
         h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         if self.conv2_plan is not None:
-            return cudnn_conv.with_bias(cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan),
-                                        self.conv2_bias, self.groups, residual=x)
+            y = cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan,
+                                  shortcut=x if self.has_shortcut else None, shortcut_weight=self.shortcut_weight)
+            return cudnn_conv.with_bias(y, self.conv2_bias, self.groups, residual=None if self.has_shortcut else x)
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)
@@ -128,14 +132,14 @@ def fused_if_tuned(blocks: tuple, input_shapes: dict,
                    graph_plan: Callable[[ConvShape], "str | None"] = lambda shape: None) -> "FusedResnet | None":
     """A FusedResnet for one block (or a twin pair, run as len(blocks) groups) when the blocks can be fused and the
     tuning table put each of its convolutions on Triton (conv_config gives None otherwise) or on a cuDNN graph-API
-    config (graph_plan gives its name; conv2 only without a shortcut); else None."""
+    config (graph_plan gives its name); else None."""
     if not all(can_fuse(b) for b in blocks):
         return None
     first, groups = blocks[0], len(blocks)
     shape1 = ConvShape.of(first.conv1, input_shapes[first.conv1], groups)
     conv1 = conv_config(shape1) or graph_plan(shape1)
     shape2 = fused_conv2_shape(first, input_shapes, groups)
-    conv2 = conv_config(shape2) or (graph_plan(shape2) if not shape2.shortcut else None)
+    conv2 = conv_config(shape2) or graph_plan(shape2)
     return None if conv1 is None or conv2 is None else FusedResnet(blocks, conv1, conv2)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import folded_cross, linear_norm, norm_matmul, parts, residual_gemm, triton_conv, zero_convs
+from engines.torch_fast import (cudnn_conv, folded_cross, linear_norm, norm_matmul, parts, residual_gemm, triton_conv,
+                                zero_convs)
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -103,15 +104,19 @@ class _TwinLinear(nn.Module):
 
 class _TwinConv(nn.Module):
     """A pair of 3x3 (kxk) convolutions over the two halves of the batch: the grouped Triton kernel with a tuned
-    config, or (no config: CPU, or cuDNN measured faster) one conv2d per half and a concatenation."""
+    config, or a cuDNN graph-API engine config by name (`cudnn_conv.run_groups`, the biases added by the next
+    kernel), or (neither: CPU, or cuDNN's own call measured faster) one conv2d per half and a concatenation."""
 
-    def __init__(self, pair, stack: _Stack, config: "ConvConfig | None"):
+    def __init__(self, pair, stack: _Stack, config: "ConvConfig | str | None"):
         super().__init__()
         conv = pair[0]
         self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-        self.config = config
-        if config is not None:
+        self.config = config if not isinstance(config, str) else None
+        self.plan = config if isinstance(config, str) else None
+        if self.config is not None:
             self.weight = stack(pair, lambda m: triton_conv.weight_matrix(m.weight))
+        elif self.plan is not None:
+            self.weight = stack(pair, lambda m: m.weight.permute(0, 2, 3, 1))  # (G, Cout, k, k, Cin): KRSC
         else:
             self.weight = stack(pair, lambda m: m.weight)
         self.bias = stack(pair, lambda m: m.bias)
@@ -120,6 +125,9 @@ class _TwinConv(nn.Module):
         if self.config is not None:
             return triton_conv.conv2d_nhwc(x, self.weight, self.bias, self.kernel, self.stride, self.padding,
                                            self.config, groups=GROUPS)
+        if self.plan is not None:
+            y = cudnn_conv.conv2d(x, self.weight.permute(0, 1, 4, 2, 3), self.padding, self.plan, self.stride)
+            return cudnn_conv.with_bias(y, self.bias, GROUPS)
         return torch.cat([F.conv2d(h, w, b, self.stride, self.padding)
                           for h, w, b in zip(x.chunk(GROUPS), self.weight, self.bias)])
 
@@ -334,7 +342,7 @@ class TwinEncoder(nn.Module):
     fuse_resnets: ResNet pairs whose convolutions both have configs run as `FusedResnet`. `fused_blocks` then
     lists the diffusers blocks whose conv1.bias the time table must carry (fused_resnet.fold_conv1_bias).
     graph_plan(shape): the cuDNN graph-API engine config the tuner chose for a pair (None: none), which a
-    FusedResnet may run instead (`fused_if_tuned`).
+    FusedResnet (`fused_if_tuned`) or a downsampler pair runs instead.
     """
 
     def __init__(self, unet, controlnet, input_shapes: dict,
@@ -372,7 +380,8 @@ class TwinEncoder(nn.Module):
                     self._add("transformer", _TwinTransformer((au, pairs_t[id(au)]), stack))
                 self.plan.append("state")
             for du, dc in zip(bu.downsamplers or [], bc.downsamplers or []):
-                self._add("down", _TwinConv((du.conv, dc.conv), stack, config_of(du.conv)))
+                shape = ConvShape.of(du.conv, input_shapes[du.conv], GROUPS)
+                self._add("down", _TwinConv((du.conv, dc.conv), stack, conv_config(shape) or graph_plan(shape)))
                 self.plan.append("state")
         mu, mc = unet.mid_block, controlnet.mid_block
         self._add("resnet", resnet((mu.resnets[0], mc.resnets[0])))
