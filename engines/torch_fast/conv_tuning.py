@@ -43,10 +43,9 @@ MAX_RELATIVE_ERROR = 2e-3
 # cuDNN graph-API engine configs timed per shape (the heuristics' ranking first; 119 were offered for each 32x48 and
 # 16x24 shape on an H200, and the best of the first 24 won by up to 35%: bench/NOTES.md, session 15)
 GRAPH_API_PLANS = 64
-# A graph-API conv2 with a 1x1 shortcut is two kernels (cuDNN's, then cuBLAS's GEMM into its output); neither
-# overlaps its launch with the kernel before it as our PDL-launched Triton kernels do. In the loop that cost about
-# 2 us a call beyond what the isolated timing shows (H100 A/B, session 16: the choices that won by less than this
-# moved the loop by nothing), so such a choice must win by this much.
+# A graph-API conv2 with a 1x1 shortcut is two kernels (cuDNN's, then cuBLAS's GEMM into its output) where the Triton
+# kernel is one. On an H100 the two choices that won by under 1 us in isolation made the decoder part slower in the
+# loop (bench/NOTES.md, session 16; why was not measured), so such a choice must win by this much.
 SHORTCUT_MARGIN_US = 2.0
 # Strides whose 3x3 shapes are offered to the graph API's configs (the step runs stride 2 only in the twin's
 # downsampler pairs)
