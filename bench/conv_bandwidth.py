@@ -7,12 +7,18 @@ weight bandwidth achieved against a plain read and a copy of the same bytes.
 
 Measured on an H200 (bench/NOTES.md): the 4x6 convolutions reach about 3.2 TB/s with 64x128 5-stage tiles, which
 the tuner now tries. A copy of the kernel with tile-blocked weights, or with an evict-first hint on the weight
-stream, gained at most 5% at 8x12 and nothing at 4x6, so neither was kept.
+stream, gained at most 5% at 8x12 and nothing at 4x6, so neither was kept. On an H100 (session 16) they reach
+2.15 TB/s, torch's own `sum` 2.2 and a plain Triton read with 2112 programs 2.73 (`read_roofline`; `--read-only`
+runs only the reads).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import triton
+import triton.language as tl
 
 from engines.torch_fast.conv_tuning import graph_time_us
 from engines.torch_fast.triton_conv import ConvConfig, conv2d_nhwc, output_size
@@ -25,6 +31,27 @@ SHAPES = [  # (groups, batch, Cin, H, W, Cout): the twin's and the decoder's 4x6
     (2, 2, 1280, 4, 6, 1280), (1, 2, 2560, 4, 6, 1280), (2, 2, 1280, 8, 12, 1280), (1, 2, 2560, 8, 12, 1280)]
 
 
+@triton.jit
+def _stream_read(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Each program reads every num_programs-th BLOCK of x and stores one number: a read-only stream."""
+    pid, step = tl.program_id(0), tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, step * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+
+def read_roofline(bufs: list, nbytes: int) -> None:
+    """The read-only bandwidth a plain Triton stream reaches over these buffers, for a few grid sizes."""
+    out = torch.empty(132 * 16, device=bufs[0].device, dtype=torch.float32)
+    for programs, block, warps in ((132, 4096, 8), (264, 4096, 8), (528, 2048, 4), (1056, 2048, 4),
+                                   (2112, 1024, 4)):
+        us = graph_time_us(lambda i, p=programs, b=block, w=warps: lambda: _stream_read[(p,)](
+            bufs[i], out, bufs[i].numel(), BLOCK=b, num_warps=w))
+        print(f"  Triton read, {programs} programs of {block}: {us:.1f} us = {nbytes / us / 1e6:.2f} TB/s", flush=True)
+
+
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -34,6 +61,9 @@ def main() -> None:
     copy_us = graph_time_us(lambda i: lambda: bufs[i].clone())
     print(f"read 59 MiB: {read_us:.1f} us = {nbytes / read_us / 1e6:.2f} TB/s; "
           f"copy: {copy_us:.1f} us = {2 * nbytes / copy_us / 1e6:.2f} TB/s (read + write)", flush=True)
+    read_roofline(bufs, nbytes)
+    if "--read-only" in sys.argv:
+        return
     for g, n, c, h, w, cout in SHAPES:
         oh, ow = output_size(h, w, 3, 1, 1)
         m = g * n * oh * ow
