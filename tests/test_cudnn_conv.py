@@ -284,3 +284,21 @@ def test_a_twin_downsampler_pair_on_a_graph_api_config_computes_each_networks_co
         ref = torch.cat([c(xs) for c, xs in zip(pair, x.chunk(2))])
     assert got.shape == (4, 16, 3, 4)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_swapped_convolution_on_a_graph_api_config_computes_the_conv2d(monkeypatch, stride):
+    """CudnnGraphConv2d (what the runner swaps in outside fused blocks and the twin, e.g. the downsamplers of the
+    two-stream step): stride, padding and the bias added after, with the call stood in for by F.conv2d."""
+    from torch import nn
+
+    from engines.torch_fast.gemm_conv import CudnnGraphConv2d
+
+    monkeypatch.setattr(cudnn_conv, "conv2d", _grouped_conv)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1)
+    swapped = CudnnGraphConv2d(conv, "eng62_test")
+    assert swapped.weight.is_contiguous(memory_format=torch.channels_last) and f"stride={stride}" in repr(swapped)
+    x = torch.randn(2, 16, 6, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -88,27 +88,28 @@ class TritonConv2d(nn.Module):
 
 
 class CudnnGraphConv2d(nn.Module):
-    """A square-kernel stride-1 Conv2d on one cuDNN graph-API engine config; its bias is added after (in fp32,
-    one rounding), where torch.compile fuses it into the next kernel."""
+    """A square-kernel Conv2d on one cuDNN graph-API engine config; its bias is added after (in fp32, one rounding),
+    where torch.compile fuses it into the next kernel."""
 
     def __init__(self, conv: nn.Conv2d, plan: str):
         super().__init__()
         _check_plain(conv)
-        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride != (1, 1) or conv.padding[0] != conv.padding[1]:
-            raise ValueError(f"CudnnGraphConv2d needs a square kernel and padding, stride 1: {conv}")
+        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
+                or conv.padding[0] != conv.padding[1]:
+            raise ValueError(f"CudnnGraphConv2d needs a square kernel, stride and padding: {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel, self.padding, self.plan = conv.kernel_size[0], conv.padding[0], plan
+        self.kernel, self.stride, self.padding, self.plan = conv.kernel_size[0], conv.stride[0], conv.padding[0], plan
         self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last),
                                    requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cudnn_conv.conv2d(x, self.weight, self.padding, self.plan)
+        y = cudnn_conv.conv2d(x, self.weight, self.padding, self.plan, self.stride)
         return y if self.bias is None else cudnn_conv.with_bias(y, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, padding={self.padding}, "
-                f"cuDNN {self.plan}")
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, stride={self.stride}, "
+                f"padding={self.padding}, cuDNN {self.plan}")
 
 
 def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: tuple[int, int],
