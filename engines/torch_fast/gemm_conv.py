@@ -39,6 +39,15 @@ def _check_plain(conv: nn.Conv2d) -> None:
         raise ValueError(f"only plain convolutions (groups=1, dilation=1, numeric zero padding) can be swapped: {conv}")
 
 
+def _check_square(conv: nn.Conv2d, swap: str) -> None:
+    """A plain Conv2d with the same kernel size, stride and padding along both axes: what the kernels that take one
+    number for each (`TritonConv2d`, `CudnnGraphConv2d`) compute."""
+    _check_plain(conv)
+    if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
+            or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"{swap} needs a square kernel, stride and padding: {conv}")
+
+
 class GemmConv2d(nn.Module):
     """A Conv2d (groups=1, dilation=1, zero padding) computed as im2col + one matmul.
 
@@ -67,10 +76,7 @@ class TritonConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, config: ConvConfig):
         super().__init__()
-        _check_plain(conv)
-        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
-                or conv.padding[0] != conv.padding[1]:
-            raise ValueError(f"TritonConv2d needs a square kernel, stride and padding: {conv}")
+        _check_square(conv, "TritonConv2d")
         if not triton_conv.supports(conv.in_channels, conv.kernel_size[0], config, stride=conv.stride[0]):
             raise ValueError(f"config {config} does not fit {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -93,10 +99,7 @@ class CudnnGraphConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, plan: str):
         super().__init__()
-        _check_plain(conv)
-        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
-                or conv.padding[0] != conv.padding[1]:
-            raise ValueError(f"CudnnGraphConv2d needs a square kernel, stride and padding: {conv}")
+        _check_square(conv, "CudnnGraphConv2d")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel, self.stride, self.padding, self.plan = conv.kernel_size[0], conv.stride[0], conv.padding[0], plan
         self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last),
