@@ -5,10 +5,14 @@ the GELU in eager torch, the pointer-loading kernel (`triton_geglu.geglu_linear`
 (`geglu_linear_tma`: A and weight tiles as bulk tensor copies) over a set of tiles, and checks each result against
 the reference. The step runs the TMA variant, autotuned per shape over these tiles (a pre-hook sets the
 descriptors' block shapes); `geglu_linear` is the pointer-loading kernel it replaced.
+
+`--epilogue`: what the GELU costs. Per shape, the step's autotuned kernel, then the best TMA tile with the GELU
+and the best without it (`gelu=False`: hidden * gate, the same GEMM and stores), summed over one step's calls.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -21,22 +25,59 @@ SHAPES = [("twin L0", 2, 3072, 320, 1280), ("twin L1", 2, 768, 640, 2560), ("twi
           ("mid", 2, 48, 1280, 5120), ("dec L2", 1, 192, 1280, 5120), ("dec L1", 1, 768, 640, 2560),
           ("dec L0", 1, 3072, 320, 1280)]
 CALLS_A_STEP = {"twin L0": 2, "twin L1": 2, "twin L2": 2, "mid": 1, "dec L2": 3, "dec L1": 3, "dec L0": 3}
-CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4),
-           (64, 64, 4, 4), (64, 64, 4, 6), (64, 256, 8, 3), (256, 64, 8, 3)]
+CONFIGS = list(tg.TMA_TILES)  # the tiles the step autotunes over
 
 
-def main() -> int:
+def _inputs(g: int, m: int, k: int, n: int):
+    """Three rotating (x, weight, bias) sets of one shape: stacked (G, K, 2N) weights for the twin, else Linear."""
+    dev = torch.device("cuda")
+    if g == 2:
+        xs = [torch.randn(g, m, k, device=dev, dtype=torch.half) for _ in range(3)]
+        ws = [torch.randn(g, k, 2 * n, device=dev, dtype=torch.half) * 0.02 for _ in range(3)]
+        bs = [torch.randn(g, 2 * n, device=dev, dtype=torch.half) for _ in range(3)]
+    else:
+        xs = [torch.randn(m, k, device=dev, dtype=torch.half) for _ in range(3)]
+        ws = [torch.randn(2 * n, k, device=dev, dtype=torch.half) * 0.02 for _ in range(3)]
+        bs = [torch.randn(2 * n, device=dev, dtype=torch.half) for _ in range(3)]
+    return xs, ws, bs
+
+
+def epilogue() -> int:
+    """The step's kernel, the best tile with the GELU and the best without it, per shape and per step."""
+    totals = [0.0, 0.0, 0.0]
+    for name, g, m, k, n in SHAPES:
+        xs, ws, bs = _inputs(g, m, k, n)
+        step = graph_time_us(lambda i: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i]))
+        line, times = f"{name:8} step kernel {step:6.1f} us", [step]
+        for gelu in (True, False):
+            best = (float("inf"), None)
+            for cfg in CONFIGS:
+                if cfg[1] > n:
+                    continue
+                try:
+                    tg.geglu_linear_tma(xs[0], ws[0], bs[0], cfg, gelu=gelu)
+                except Exception:  # e.g. out of shared memory
+                    continue
+                us = graph_time_us(lambda i, cfg=cfg: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i], cfg, gelu=gelu))
+                best = min(best, (us, cfg))
+            times.append(best[0])
+            line += f"   {'with' if gelu else 'without'} GELU {best[0]:6.1f} us {best[1]}"
+        for j, t in enumerate(times):
+            totals[j] += CALLS_A_STEP[name] * t
+        print(line, flush=True)
+    print(f"one step's GEGLU calls: step kernel {totals[0]:.0f} us, best tiles with GELU {totals[1]:.0f} us, "
+          f"without {totals[2]:.0f} us")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epilogue", action="store_true", help="time the kernel with and without its GELU")
+    if ap.parse_args(argv).epilogue:
+        return epilogue()
     total_old = total_new = 0.0
     for name, g, m, k, n in SHAPES:
-        dev = torch.device("cuda")
-        if g == 2:
-            xs = [torch.randn(g, m, k, device=dev, dtype=torch.half) for _ in range(3)]
-            ws = [torch.randn(g, k, 2 * n, device=dev, dtype=torch.half) * 0.02 for _ in range(3)]
-            bs = [torch.randn(g, 2 * n, device=dev, dtype=torch.half) for _ in range(3)]
-        else:
-            xs = [torch.randn(m, k, device=dev, dtype=torch.half) for _ in range(3)]
-            ws = [torch.randn(2 * n, k, device=dev, dtype=torch.half) * 0.02 for _ in range(3)]
-            bs = [torch.randn(2 * n, device=dev, dtype=torch.half) for _ in range(3)]
+        xs, ws, bs = _inputs(g, m, k, n)
         ref = tg.reference(xs[0].float(), ws[0].float(), bs[0].float())
         cublas = graph_time_us(lambda i: lambda: tg.reference(xs[i], ws[i], bs[i]))
         tg.geglu_linear(xs[0], ws[0], bs[0])  # autotunes outside the graph

@@ -46,6 +46,27 @@ def test_geglu_kernel_equals_reference_interpreted(groups, rows, k, n_out, with_
     assert float(out.strip().splitlines()[-1]) < 2e-2
 
 
+NO_GELU_CHECK = r"""
+import torch
+from engines.torch_fast.triton_geglu import geglu_linear_tma
+torch.manual_seed(0)
+x, weight, bias = torch.randn(40, 64).half(), (torch.randn(256, 64) / 8).half(), torch.randn(256).half()
+got = geglu_linear_tma(x, weight, bias, config=(64, 128, 4, 2), gelu=False)
+hidden, gate = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).chunk(2, dim=-1)
+print((got.float() - hidden * gate).abs().max().item())
+"""
+
+
+def test_geglu_probe_without_gelu_interpreted():
+    """gelu=False (bench.geglu_kernels --epilogue) writes hidden * gate from the same tiles, and needs a config."""
+    from engines.torch_fast import triton_geglu
+
+    out = run_interpreted(NO_GELU_CHECK, [], timeout=900)
+    assert float(out.strip().splitlines()[-1]) < 2e-2
+    with pytest.raises(ValueError, match="config"):
+        triton_geglu.geglu_linear_tma(torch.randn(4, 64), torch.randn(256, 64), None, gelu=False)
+
+
 def test_geglu_falls_back_on_cpu_and_untiled_shapes():
     from engines.torch_fast import triton_geglu
 

@@ -50,13 +50,17 @@ if triton is not None:
 
     @triton.jit
     def _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om,
-                  HAS_BIAS: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr = True):
         """Both kernels' end: the biases, hidden * gelu(gate) (exact GELU, as F.gelu) and the store of the rows
-        below M of group g's output tile."""
+        below M of group g's output tile. GELU=False stores hidden * gate: not GEGLU, only the bound on what the
+        GELU costs (`python3 -m bench.geglu_kernels --epilogue`)."""
         if HAS_BIAS:
             acc_h += tl.load(bias_ptr + g * s_bg + offs_n).to(tl.float32)[None, :]
             acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(tl.float32)[None, :]
-        out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))
+        if GELU:
+            out = acc_h * (0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)))
+        else:
+            out = acc_h * acc_g
         tl.store(out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(offs_m < M)[:, None])
 
@@ -101,7 +105,7 @@ if triton is not None:
     def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, prefix_ptr, M, N_OUT, K, s_bg, s_og, s_om, s_pg,
                           s_pm, HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, PREFIX: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, GELU: tl.constexpr = True):
         """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
         past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
         stacked matrices) else the (2N, K) Linear weight.
@@ -129,7 +133,7 @@ if triton is not None:
         pdl_end(PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS)
+        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS, GELU)
 
     # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
     _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
@@ -229,10 +233,13 @@ def prefix_ratio(x: torch.Tensor, weight: torch.Tensor, prefix: "torch.Tensor | 
 
 def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
                      config: "tuple[int, int, int, int] | None" = None,
-                     prefix: "torch.Tensor | None" = None) -> torch.Tensor:
+                     prefix: "torch.Tensor | None" = None, gelu: bool = True) -> torch.Tensor:
     """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; None
     autotunes over TMA_TILES per shape (needs a GPU). prefix (x's rows, P): the output is [prefix, GEGLU] per row
-    (`prefix_ratio` says which widths P)."""
+    (`prefix_ratio` says which widths P). gelu=False (a config required) writes hidden * gate instead: a
+    measurement of the epilogue's cost, not a result the step uses."""
+    if not gelu and config is None:
+        raise ValueError("gelu=False is a timing probe: pass a config (the autotuner's choice is for GEGLU)")
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _require_fits(x, weight)
@@ -259,7 +266,7 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, **pdl.launch_args(x.device))
+            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, GELU=gelu, **pdl.launch_args(x.device))
     return out.reshape(*x.shape[:-1], width)
 
 
