@@ -1,0 +1,270 @@
+"""`python3 -m bench.gluon_geglu`: GEGLU as a warp-specialized Gluon kernel ("ping-pong"), against the step's kernel.
+
+Why: at the 32x48 and 16x24 levels the Triton GEGLU kernel (`engines/torch_fast/triton_geglu.py`) spends about a
+fifth of its time in its epilogue, the exact GELU over the tile, and nothing overlaps it: 60 us of a step's 328
+(bench/NOTES.md, seventeenth session). A persistent form in plain Triton was slower. Overlapping the epilogue
+with MMAs needs explicit warpgroup control, which Triton 3.6 offers through Gluon. This is the project's first Gluon
+kernel. Each CTA runs three partitions:
+- a producer warp, which streams (A, W_hidden, W_gate) K tiles by TMA into a ring of shared-memory stages;
+- two consumers (a warpgroup or two each), which take the CTA's tiles in turn: even and odd tiles. Each runs its
+  tile's wgmma K loop and then the epilogue: biases, exact GELU, store. The K loops take turns (one mbarrier
+  each), so one consumer's epilogue can run while the other's MMAs do.
+The arithmetic is `triton_geglu`'s: fp32 accumulators over K, then the biases and
+`0.5 * g * (1 + erf(g / sqrt 2))` in fp32, rounded once to the input dtype.
+
+Result (H100, seventeenth session): it gives the same bytes as the step's kernel on all seven step shapes, but it
+is slower on every one. For example: twin 32x48 38.6-40.2 us against 32.7; decoder 32x48 22.0-23.5 against 16.7.
+That held with 4- or 8-warp consumers and 4 or 6 stages. It is a probe, not used by the step. `compile_sm90`
+compiles it for an H100 on a machine without a GPU, so changes can be checked before any device time is spent.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # CPU-only installs, or a Triton without Gluon
+    gluon = None
+
+BLOCK_K = 64
+# (BLOCK_M, BLOCK_N, stages): a consumer warpgroup holds two BLOCK_M x BLOCK_N fp32 accumulators
+DEFAULT_CONFIG = (128, 64, 6, 4)  # (BLOCK_M, BLOCK_N, stages, warps a consumer)
+
+
+def registers(consumer_warps: int) -> "tuple[int, int, int]":
+    """(registers a thread at launch, a consumer's, the producer's) so that all warpgroups fit 64K registers:
+    two consumers of `consumer_warps` warps and the producer's warpgroup; what the producer gives up goes to the
+    consumers (setmaxnreg counts are multiples of 8)."""
+    groups = 2 * consumer_warps // 4 + 1
+    at_launch = 65536 // (groups * 128) // 8 * 8
+    producer = 40 if consumer_warps == 4 else 24
+    consumer = (at_launch * groups - producer) // (groups - 1) // 8 * 8
+    return at_launch, consumer, producer
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile_coords(t, M, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Tile t -> (group, row of the group's first A row in the stacked rows, tile row, first output column)."""
+        per_group = tiles_m * tiles_n
+        g = t // per_group
+        r = t % per_group
+        pm = r // tiles_n
+        return g, g * M + pm * BLOCK_M, pm, (r % tiles_n) * BLOCK_N
+
+    @gluon.jit
+    def _producer(a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, N_OUT, K, G,
+                  W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """One warp: every K step of every tile of this CTA, in order, into the stage ring."""
+        stages: gl.constexpr = a_bufs.type.shape[0]
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = N_OUT // BLOCK_N
+        num_tiles = G * tiles_m * tiles_n
+        k_steps = K // BLOCK_K
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            g, row0, pm, n0 = _tile_coords(t, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N)
+            for kk in range(k_steps):
+                s = it % stages
+                mbarrier.wait(empty.index(s), ((it // stages) & 1) ^ 1)  # barriers start as if phase 1 completed
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                k0 = kk * BLOCK_K
+                tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
+                if W_KN:
+                    tma.async_copy_global_to_shared(w_desc, [g * K + k0, n0], bar, h_bufs.index(s))
+                    tma.async_copy_global_to_shared(w_desc, [g * K + k0, N_OUT + n0], bar, g_bufs.index(s))
+                else:
+                    tma.async_copy_global_to_shared(w_desc, [n0, k0], bar, h_bufs.index(s))
+                    tma.async_copy_global_to_shared(w_desc, [N_OUT + n0, k0], bar, g_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _consumer(a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
+                  s_om, HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
+        """One warpgroup: the CTA's tiles number WHICH, WHICH + 2, ...: K loop on wgmma, then the GEGLU epilogue.
+        The two consumers' K loops take turns (`turn`, one barrier each): a consumer starts its tile's K loop
+        when the other has passed the ready barriers of its own, so the stages are consumed in the order the
+        producer fills them and no wait can see a stage's phase from two uses back."""
+        stages: gl.constexpr = a_bufs.type.shape[0]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = N_OUT // BLOCK_N
+        num_tiles = G * tiles_m * tiles_n
+        k_steps = K // BLOCK_K
+        local = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            if local % 2 == WHICH:
+                mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))  # consumer 0 goes first
+                g, row0, pm, n0 = _tile_coords(t, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N)
+                acc_h = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+                acc_g = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+                it0 = local * k_steps
+                for kk in range(k_steps):
+                    it = it0 + kk
+                    s = it % stages
+                    mbarrier.wait(ready.index(s), (it // stages) & 1)
+                    w_h = h_bufs.index(s)
+                    w_g = g_bufs.index(s)
+                    if not W_KN:  # (BLOCK_N, BLOCK_K) tiles of the Linear weight, read transposed by wgmma
+                        w_h = w_h.permute((1, 0))
+                        w_g = w_g.permute((1, 0))
+                    acc_h = warpgroup_mma(a_bufs.index(s), w_h, acc_h, is_async=True)
+                    acc_g = warpgroup_mma(a_bufs.index(s), w_g, acc_g, is_async=True)
+                    # the step before this one is done: its stage goes back to the producer
+                    acc_h, acc_g = warpgroup_mma_wait(num_outstanding=2, deps=(acc_h, acc_g))
+                    mbarrier.arrive(empty.index((it + stages - 1) % stages), count=1, pred=kk > 0)
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)  # the other consumer's K loop may start
+                acc_h, acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_h, acc_g))
+                mbarrier.arrive(empty.index((it0 + k_steps - 1) % stages), count=1)
+                offs_m = pm * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                if HAS_BIAS:
+                    b_h = gl.load(bias_ptr + g * s_bg + offs_n).to(gl.float32)
+                    b_g = gl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(gl.float32)
+                    acc_h = acc_h + gl.expand_dims(b_h, 0)
+                    acc_g = acc_g + gl.expand_dims(b_g, 0)
+                out = acc_h * (0.5 * acc_g * (1.0 + gl.erf(acc_g * 0.7071067811865476)))
+                ptrs = out_ptr + g * s_og + gl.expand_dims(offs_m, 1) * s_om + gl.expand_dims(offs_n, 0)
+                gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < M, 1))
+            local += 1
+
+    @gluon.jit
+    def _geglu_ws_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og, s_om,
+                         HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        h_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        g_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 0, num_warps)),
+            (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 1, num_warps)),
+            (_producer, (a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, N_OUT, K, G, W_KN, BLOCK_M,
+                         BLOCK_N, BLOCK_K)),
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _output_width(weight: torch.Tensor) -> int:
+    return (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
+
+
+def fits_gluon(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
+    """Shapes the kernel tiles: K a multiple of BLOCK_K, the output width of BLOCK_N, fp16 on a Hopper GPU."""
+    block_m, block_n = config[:2]
+    return (gluon is not None and x.is_cuda and x.dtype == torch.float16 and weight.dtype == torch.float16
+            and torch.cuda.get_device_capability(x.device)[0] == 9 and x.shape[-1] % BLOCK_K == 0
+            and _output_width(weight) % block_n == 0)
+
+
+def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
+             config: "tuple[int, int, int, int]" = DEFAULT_CONFIG) -> torch.Tensor:
+    """hidden * gelu(gate) for x (rows.., K) with an nn.Linear weight (2N, K), or x (G, rows, K) with a stacked
+    (G, K, 2N) weight; bias (2N,) / (G, 2N) or None. config: (BLOCK_M, BLOCK_N, stages, warps a consumer)."""
+    if not fits_gluon(x, weight, config):
+        raise ValueError(f"the Gluon GEGLU kernel does not take x {tuple(x.shape)} {x.dtype} with weight "
+                         f"{tuple(weight.shape)} {weight.dtype} (config {config})")
+    block_m, block_n, stages, warps = config
+    at_launch, consumer_regs, producer_regs = registers(warps)
+    w_kn = weight.dim() == 3
+    groups = weight.shape[0] if w_kn else 1
+    k, n_out = x.shape[-1], _output_width(weight)
+    a = x.reshape(groups, -1, k).contiguous()
+    m = a.shape[1]
+    a_block, w_block = [block_m, BLOCK_K], ([BLOCK_K, block_n] if w_kn else [block_n, BLOCK_K])
+    a_desc = TensorDescriptor.from_tensor(a.reshape(groups * m, k), a_block,
+                                          gl.NVMMASharedLayout.get_default_for(a_block, gl.float16))
+    w2 = weight.contiguous().reshape(groups * k, 2 * n_out) if w_kn else weight.contiguous()
+    w_desc = TensorDescriptor.from_tensor(w2, w_block, gl.NVMMASharedLayout.get_default_for(w_block, gl.float16))
+    b = None if bias is None else (bias if bias.dim() == 2 else bias[None])
+    out = torch.empty(groups, m, n_out, device=x.device, dtype=x.dtype)
+    tiles = groups * triton.cdiv(m, block_m) * (n_out // block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    _geglu_ws_kernel[(min(tiles, sms),)](
+        a_desc, w_desc, b if b is not None else out, out, m, n_out, k, groups, 0 if b is None else b.stride(0),
+        out.stride(0), out.stride(1), HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=BLOCK_K, STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=warps,
+        maxnreg=at_launch)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1280, rows: int = 256):
+    """Compile the kernel for sm90 without a GPU (Triton ships ptxas): the CompiledKernel, its PTX and cubin.
+    Descriptors are made over CPU tensors only for their types."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    block_m, block_n, stages, warps = config
+    at_launch, consumer_regs, producer_regs = registers(warps)
+    groups = 2 if w_kn else 1
+    a = torch.empty(groups * rows, k, dtype=torch.float16)
+    w = torch.empty(groups * k, 2 * n_out, dtype=torch.float16) if w_kn else torch.empty(2 * n_out, k,
+                                                                                          dtype=torch.float16)
+    a_block, w_block = [block_m, BLOCK_K], ([BLOCK_K, block_n] if w_kn else [block_n, BLOCK_K])
+    values = dict(a_desc=TensorDescriptor.from_tensor(a, a_block, gl.NVMMASharedLayout.get_default_for(
+                      a_block, gl.float16)),
+                  w_desc=TensorDescriptor.from_tensor(w, w_block, gl.NVMMASharedLayout.get_default_for(
+                      w_block, gl.float16)),
+                  bias_ptr=torch.empty(1, dtype=torch.float16), out_ptr=torch.empty(1, dtype=torch.float16),
+                  M=rows, N_OUT=n_out, K=k, G=groups, s_bg=2 * n_out, s_og=rows * n_out, s_om=n_out)
+    constants = dict(HAS_BIAS=True, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, STAGES=stages,
+                     CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=warps)
+    names = _geglu_ws_kernel.arg_names
+    signature = {n: "constexpr" if n in constants else mangle_type(values[n]) for n in names}
+    source = GluonASTSource(fn=_geglu_ws_kernel, signature=signature,
+                            constexprs={(names.index(n),): v for n, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "maxnreg": at_launch})
+
+
+# (name, groups, rows a group, K, N), as bench.geglu_kernels
+SHAPES = [("twin L0", 2, 3072, 320, 1280), ("twin L1", 2, 768, 640, 2560), ("twin L2", 2, 192, 1280, 5120),
+          ("mid", 2, 48, 1280, 5120), ("dec L2", 1, 192, 1280, 5120), ("dec L1", 1, 768, 640, 2560),
+          ("dec L0", 1, 3072, 320, 1280)]
+CONFIGS = [(128, 64, 6, 4), (128, 64, 6, 8), (128, 64, 4, 8), (64, 128, 4, 4)]
+
+
+def main() -> int:
+    """Per shape: the step's autotuned Triton kernel, then each Gluon config (its error, and whether its bytes
+    equal the Triton kernel's)."""
+    from bench.geglu_kernels import _inputs
+    from engines.torch_fast import triton_geglu as tg
+    from engines.torch_fast.conv_tuning import graph_time_us
+
+    for name, g, m, k, n in SHAPES:
+        xs, ws, bs = _inputs(g, m, k, n)
+        ref = tg.reference(xs[0].float(), ws[0].float(), bs[0].float())
+        step_out = tg.geglu_linear_tma(xs[0], ws[0], bs[0])
+        line = f"{name:8} triton {graph_time_us(lambda i: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i])):6.1f} us"
+        for cfg in CONFIGS:
+            out = geglu_ws(xs[0], ws[0], bs[0], cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            us = graph_time_us(lambda i, c=cfg: lambda: geglu_ws(xs[i], ws[i], bs[i], c))
+            line += f" | {cfg} {us:6.1f} us (err {err:.1e}{', same bytes' if torch.equal(out, step_out) else ''})"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
