@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from engines.torch_fast.triton_geglu import output_width
+
 try:
     import triton
     from triton.experimental import gluon
@@ -165,16 +167,12 @@ if gluon is not None:
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _output_width(weight: torch.Tensor) -> int:
-    return (weight.shape[0] if weight.dim() == 2 else weight.shape[2]) // 2
-
-
 def fits_gluon(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
     """Shapes the kernel tiles: K a multiple of BLOCK_K, the output width of BLOCK_N, fp16 on a Hopper GPU."""
     block_m, block_n = config[:2]
     return (gluon is not None and x.is_cuda and x.dtype == torch.float16 and weight.dtype == torch.float16
             and torch.cuda.get_device_capability(x.device)[0] == 9 and x.shape[-1] % BLOCK_K == 0
-            and _output_width(weight) % block_n == 0)
+            and output_width(weight) % block_n == 0)
 
 
 def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
@@ -188,7 +186,7 @@ def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
     at_launch, consumer_regs, producer_regs = registers(warps)
     w_kn = weight.dim() == 3
     groups = weight.shape[0] if w_kn else 1
-    k, n_out = x.shape[-1], _output_width(weight)
+    k, n_out = x.shape[-1], output_width(weight)
     a = x.reshape(groups, -1, k).contiguous()
     m = a.shape[1]
     a_block, w_block = [block_m, BLOCK_K], ([BLOCK_K, block_n] if w_kn else [block_n, BLOCK_K])
