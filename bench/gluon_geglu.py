@@ -13,8 +13,9 @@ The arithmetic is `triton_geglu`'s: fp32 accumulators over K, then the biases an
 `0.5 * g * (1 + erf(g / sqrt 2))` in fp32, rounded once to the input dtype.
 
 Result (H100, seventeenth session): it gives the same bytes as the step's kernel on all seven step shapes, but it
-is slower on every one. For example: twin 32x48 38.6-40.2 us against 32.7; decoder 32x48 22.0-23.5 against 16.7.
-That held with 4- or 8-warp consumers and 4 or 6 stages. It is a probe, not used by the step. `compile_sm90`
+is slower on every one. For example: twin 32x48 38.6-41.7 us against 32.5-32.8; decoder 32x48 22.0-23.7 against
+16.7-17.0. That held with 4- or 8-warp consumers, 4 or 6 stages, and one shared ring of stages (the K loops take
+turns) or one ring per consumer (no turns). It is a probe, not used by the step. `compile_sm90`
 compiles it for an H100 on a machine without a GPU, so changes can be checked before any device time is spent.
 """
 
@@ -37,7 +38,7 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon
 
 BLOCK_K = 64
 # (BLOCK_M, BLOCK_N, stages): a consumer warpgroup holds two BLOCK_M x BLOCK_N fp32 accumulators
-DEFAULT_CONFIG = (128, 64, 6, 4)  # (BLOCK_M, BLOCK_N, stages, warps a consumer)
+DEFAULT_CONFIG = (128, 64, 6, 4, 1)  # (BLOCK_M, BLOCK_N, stages, warps a consumer, stage rings: 1 shared or 2)
 
 
 def registers(consumer_warps: int) -> "tuple[int, int, int]":
@@ -62,21 +63,30 @@ if gluon is not None:
         return g, g * M + pm * BLOCK_M, pm, (r % tiles_n) * BLOCK_N
 
     @gluon.jit
+    def _slot(local, kk, k_steps, ring, STAGES: gl.constexpr, RINGS: gl.constexpr):
+        """(stage index, phase) of K step kk of the CTA's tile number `local`. One ring: the tiles' steps in
+        order through all STAGES. Two rings: tile `local` uses ring local % 2 (its consumer's), STAGES / 2 each."""
+        per_ring: gl.constexpr = STAGES // RINGS
+        it = (local // RINGS) * k_steps + kk
+        return ring * per_ring + it % per_ring, (it // per_ring) & 1
+
+    @gluon.jit
     def _producer(a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, N_OUT, K, G,
-                  W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-        """One warp: every K step of every tile of this CTA, in order, into the stage ring."""
+                  W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  RINGS: gl.constexpr):
+        """One warp: every K step of every tile of this CTA, in order, into the stage ring(s)."""
         stages: gl.constexpr = a_bufs.type.shape[0]
         tiles_m = gl.cdiv(M, BLOCK_M)
         tiles_n = N_OUT // BLOCK_N
         num_tiles = G * tiles_m * tiles_n
         k_steps = K // BLOCK_K
         nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
-        it = 0
+        local = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             g, row0, pm, n0 = _tile_coords(t, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N)
             for kk in range(k_steps):
-                s = it % stages
-                mbarrier.wait(empty.index(s), ((it // stages) & 1) ^ 1)  # barriers start as if phase 1 completed
+                s, phase = _slot(local, kk, k_steps, local % RINGS, stages, RINGS)
+                mbarrier.wait(empty.index(s), phase ^ 1)  # barriers start as if phase 1 completed
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
                 k0 = kk * BLOCK_K
@@ -87,16 +97,17 @@ if gluon is not None:
                 else:
                     tma.async_copy_global_to_shared(w_desc, [n0, k0], bar, h_bufs.index(s))
                     tma.async_copy_global_to_shared(w_desc, [N_OUT + n0, k0], bar, g_bufs.index(s))
-                it += 1
+            local += 1
 
     @gluon.jit
     def _consumer(a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
                   s_om, HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
+                  BLOCK_K: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr, RINGS: gl.constexpr):
         """One warpgroup: the CTA's tiles number WHICH, WHICH + 2, ...: K loop on wgmma, then the GEGLU epilogue.
         The two consumers' K loops take turns (`turn`, one barrier each): a consumer starts its tile's K loop
         when the other has passed the ready barriers of its own, so the stages are consumed in the order the
-        producer fills them and no wait can see a stage's phase from two uses back."""
+        producer fills them and no wait can see a stage's phase from two uses back. With two rings (RINGS = 2)
+        each consumer has its own stages, consumed in order by it alone, and the K loops need no turns."""
         stages: gl.constexpr = a_bufs.type.shape[0]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -107,15 +118,15 @@ if gluon is not None:
         local = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if local % 2 == WHICH:
-                mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))  # consumer 0 goes first
+                if RINGS == 1:
+                    mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))  # consumer 0 goes first
                 g, row0, pm, n0 = _tile_coords(t, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N)
                 acc_h = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
                 acc_g = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
-                it0 = local * k_steps
+                ring = WHICH if RINGS == 2 else 0
                 for kk in range(k_steps):
-                    it = it0 + kk
-                    s = it % stages
-                    mbarrier.wait(ready.index(s), (it // stages) & 1)
+                    s, phase = _slot(local, kk, k_steps, ring, stages, RINGS)
+                    mbarrier.wait(ready.index(s), phase)
                     w_h = h_bufs.index(s)
                     w_g = g_bufs.index(s)
                     if not W_KN:  # (BLOCK_N, BLOCK_K) tiles of the Linear weight, read transposed by wgmma
@@ -125,10 +136,13 @@ if gluon is not None:
                     acc_g = warpgroup_mma(a_bufs.index(s), w_g, acc_g, is_async=True)
                     # the step before this one is done: its stage goes back to the producer
                     acc_h, acc_g = warpgroup_mma_wait(num_outstanding=2, deps=(acc_h, acc_g))
-                    mbarrier.arrive(empty.index((it + stages - 1) % stages), count=1, pred=kk > 0)
-                mbarrier.arrive(turn.index(1 - WHICH), count=1)  # the other consumer's K loop may start
+                    s_prev, _ = _slot(local, (kk + k_steps - 1) % k_steps, k_steps, ring, stages, RINGS)
+                    mbarrier.arrive(empty.index(s_prev), count=1, pred=kk > 0)
+                if RINGS == 1:
+                    mbarrier.arrive(turn.index(1 - WHICH), count=1)  # the other consumer's K loop may start
                 acc_h, acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_h, acc_g))
-                mbarrier.arrive(empty.index((it0 + k_steps - 1) % stages), count=1)
+                s_last, _ = _slot(local, k_steps - 1, k_steps, ring, stages, RINGS)
+                mbarrier.arrive(empty.index(s_last), count=1)
                 offs_m = pm * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
                 offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 if HAS_BIAS:
@@ -145,7 +159,8 @@ if gluon is not None:
     def _geglu_ws_kernel(a_desc, w_desc, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og, s_om,
                          HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, RINGS: gl.constexpr,
+                         num_warps: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         h_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         g_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -159,11 +174,11 @@ if gluon is not None:
             mbarrier.init(turn.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
-                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 0, num_warps)),
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 0, num_warps, RINGS)),
             (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
-                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 1, num_warps)),
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 1, num_warps, RINGS)),
             (_producer, (a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, N_OUT, K, G, W_KN, BLOCK_M,
-                         BLOCK_N, BLOCK_K)),
+                         BLOCK_N, BLOCK_K, RINGS)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -176,13 +191,14 @@ def fits_gluon(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> 
 
 
 def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-             config: "tuple[int, int, int, int]" = DEFAULT_CONFIG) -> torch.Tensor:
+             config: "tuple[int, int, int, int, int]" = DEFAULT_CONFIG) -> torch.Tensor:
     """hidden * gelu(gate) for x (rows.., K) with an nn.Linear weight (2N, K), or x (G, rows, K) with a stacked
-    (G, K, 2N) weight; bias (2N,) / (G, 2N) or None. config: (BLOCK_M, BLOCK_N, stages, warps a consumer)."""
+    (G, K, 2N) weight; bias (2N,) / (G, 2N) or None. config: (BLOCK_M, BLOCK_N, stages, warps a consumer, rings):
+    one ring of stages shared by both consumers, whose K loops then take turns, or one ring each (stages / 2)."""
     if not fits_gluon(x, weight, config):
         raise ValueError(f"the Gluon GEGLU kernel does not take x {tuple(x.shape)} {x.dtype} with weight "
                          f"{tuple(weight.shape)} {weight.dtype} (config {config})")
-    block_m, block_n, stages, warps = config
+    block_m, block_n, stages, warps, rings = config
     at_launch, consumer_regs, producer_regs = registers(warps)
     w_kn = weight.dim() == 3
     groups = weight.shape[0] if w_kn else 1
@@ -201,8 +217,8 @@ def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
     _geglu_ws_kernel[(min(tiles, sms),)](
         a_desc, w_desc, b if b is not None else out, out, m, n_out, k, groups, 0 if b is None else b.stride(0),
         out.stride(0), out.stride(1), HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=BLOCK_K, STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=warps,
-        maxnreg=at_launch)
+        BLOCK_K=BLOCK_K, STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, RINGS=rings,
+        num_warps=warps, maxnreg=at_launch)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -213,7 +229,7 @@ def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    block_m, block_n, stages, warps = config
+    block_m, block_n, stages, warps, rings = config
     at_launch, consumer_regs, producer_regs = registers(warps)
     groups = 2 if w_kn else 1
     a = torch.empty(groups * rows, k, dtype=torch.float16)
@@ -227,7 +243,7 @@ def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1
                   bias_ptr=torch.empty(1, dtype=torch.float16), out_ptr=torch.empty(1, dtype=torch.float16),
                   M=rows, N_OUT=n_out, K=k, G=groups, s_bg=2 * n_out, s_og=rows * n_out, s_om=n_out)
     constants = dict(HAS_BIAS=True, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, STAGES=stages,
-                     CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=warps)
+                     CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, RINGS=rings, num_warps=warps)
     names = _geglu_ws_kernel.arg_names
     signature = {n: "constexpr" if n in constants else mangle_type(values[n]) for n in names}
     source = GluonASTSource(fn=_geglu_ws_kernel, signature=signature,
@@ -240,7 +256,7 @@ def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1
 SHAPES = [("twin L0", 2, 3072, 320, 1280), ("twin L1", 2, 768, 640, 2560), ("twin L2", 2, 192, 1280, 5120),
           ("mid", 2, 48, 1280, 5120), ("dec L2", 1, 192, 1280, 5120), ("dec L1", 1, 768, 640, 2560),
           ("dec L0", 1, 3072, 320, 1280)]
-CONFIGS = [(128, 64, 6, 4), (128, 64, 6, 8), (128, 64, 4, 8), (64, 128, 4, 4)]
+CONFIGS = [(128, 64, 6, 4, 1), (128, 64, 6, 4, 2), (128, 64, 6, 8, 2), (64, 128, 4, 4, 2)]
 
 
 def main() -> int:
