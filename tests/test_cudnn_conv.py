@@ -107,6 +107,21 @@ def test_fused_resnet_on_graph_api_convolutions_computes_the_diffusers_block(mon
 
 
 @pytest.mark.skipif(cudnn_conv.cudnn is not None, reason="the cudnn-frontend package is installed")
+def test_weights_are_laid_out_as_the_calls_read_them():
+    """krsc_weights / shortcut_matrices: one network's (G = 1) and a pair's weights, as `run` and `run_groups` take
+    them (what the tuner and FusedResnet both build with)."""
+    torch.manual_seed(0)
+    for groups in (1, 2):
+        w, w2 = torch.randn(groups, 8, 16, 3, 3), torch.randn(groups, 8, 24, 1, 1)
+        krsc, matrices = cudnn_conv.krsc_weights(w), cudnn_conv.shortcut_matrices(w2)
+        if groups == 1:
+            assert torch.equal(krsc, w[0]) and krsc.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(matrices, w2[0, :, :, 0, 0].t()) and matrices.is_contiguous()
+        else:
+            assert torch.equal(krsc, w) and all(k.is_contiguous(memory_format=torch.channels_last) for k in krsc)
+            assert torch.equal(matrices, w2[..., 0, 0].transpose(1, 2)) and matrices.is_contiguous()
+
+
 def test_without_the_package_the_call_says_what_is_missing():
     x = torch.zeros(1, 8, 4, 4, dtype=torch.half)
     with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):

@@ -230,17 +230,14 @@ def graph_api_candidate(s: ConvShape) -> bool:
 
 
 def graph_api_weights(t: ConvInputs) -> list:
-    """The rotating weight copies as the graph API reads them: (Cout, Cin, k, k) channels_last (KRSC), or for
-    groups (G, Cout, Cin, k, k) with each group's so (`cudnn_conv.stacked_krsc`)."""
-    return [w[0].contiguous(memory_format=torch.channels_last) if w.shape[0] == 1 else cudnn_conv.stacked_krsc(w)
-            for w in t.ws]
+    """The rotating weight copies as the graph API reads them (`cudnn_conv.krsc_weights`)."""
+    return [cudnn_conv.krsc_weights(w) for w in t.ws]
 
 
 def graph_api_shortcut_weights(t: ConvInputs) -> list:
-    """The rotating 1x1 shortcut weights as `cudnn_conv.run` reads them: (Cs, Cout), or (G, Cs, Cout) for groups
-    (None without a shortcut)."""
-    return [None if w is None else (w[..., 0, 0].transpose(1, 2).contiguous() if w.shape[0] > 1
-                                    else w[0, :, :, 0, 0].t().contiguous()) for w in t.w2s]
+    """The rotating 1x1 shortcut weights as `cudnn_conv.run` reads them (`cudnn_conv.shortcut_matrices`; None
+    without a shortcut)."""
+    return [None if w is None else cudnn_conv.shortcut_matrices(w) for w in t.w2s]
 
 
 def graph_api_call(s: ConvShape, t: ConvInputs, weights: list, i: int, plan: str,

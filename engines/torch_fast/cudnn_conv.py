@@ -186,6 +186,19 @@ def stacked_krsc(weights: torch.Tensor) -> torch.Tensor:
     return weights.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def krsc_weights(weights: torch.Tensor) -> torch.Tensor:
+    """(G, Cout, Cin, k, k) weights as `run` (G = 1: one (Cout, Cin, k, k) channels_last) or `run_groups`
+    (`stacked_krsc`) reads them."""
+    return weights[0].contiguous(memory_format=torch.channels_last) if weights.shape[0] == 1 else stacked_krsc(weights)
+
+
+def shortcut_matrices(weights: torch.Tensor) -> torch.Tensor:
+    """(G, Cout, Cs, 1, 1) 1x1 shortcut weights as `run` ((Cs, Cout) for G = 1) or `run_groups` ((G, Cs, Cout))
+    reads them."""
+    matrices = weights[..., 0, 0].transpose(1, 2).contiguous()
+    return matrices[0] if weights.shape[0] == 1 else matrices
+
+
 _side_streams: dict = {}
 
 

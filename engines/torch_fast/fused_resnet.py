@@ -80,6 +80,9 @@ class FusedResnet(nn.Module):
             return nn.Parameter((values[0] if self.groups == 1 else torch.stack(values)).contiguous(),
                                 requires_grad=False)
 
+        def for_cudnn(make, convert):  # as cudnn_conv reads them: convert is krsc_weights or shortcut_matrices
+            return nn.Parameter(convert(torch.stack([make(b).detach() for b in blocks])), requires_grad=False)
+
         self.norm1_weight = stacked(lambda b: b.norm1.weight)
         self.norm1_bias = stacked(lambda b: b.norm1.bias)
         self.norm2_weight = stacked(lambda b: b.norm2.weight)
@@ -87,15 +90,15 @@ class FusedResnet(nn.Module):
         self.conv1_plan = conv1_config if isinstance(conv1_config, str) else None
         self.conv2_plan = conv2_config if isinstance(conv2_config, str) else None
         if self.conv1_plan is not None:
-            self.conv1_weight = _krsc([b.conv1.weight for b in blocks])
+            self.conv1_weight = for_cudnn(lambda b: b.conv1.weight, cudnn_conv.krsc_weights)
         else:
             self.conv1_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv1.weight))
         sc = (lambda b: b.conv_shortcut.weight) if self.has_shortcut else (lambda b: None)
         self.shortcut_weight = None
         if self.conv2_plan is not None:
-            self.conv2_weight = _krsc([b.conv2.weight for b in blocks])
+            self.conv2_weight = for_cudnn(lambda b: b.conv2.weight, cudnn_conv.krsc_weights)
             if self.has_shortcut:  # (Cs, Cout), or (G, Cs, Cout) for a pair
-                self.shortcut_weight = stacked(lambda b: b.conv_shortcut.weight[:, :, 0, 0].t())
+                self.shortcut_weight = for_cudnn(lambda b: b.conv_shortcut.weight, cudnn_conv.shortcut_matrices)
         else:
             self.conv2_weight = stacked(lambda b: triton_conv.weight_matrix(b.conv2.weight, sc(b)))
         self.conv2_bias = stacked(lambda b: b.conv2.bias + (b.conv_shortcut.bias if self.has_shortcut
@@ -116,15 +119,6 @@ class FusedResnet(nn.Module):
         return triton_conv.conv2d_nhwc(h, self.conv2_weight, self.conv2_bias, 3, 1, 1, self.conv2_config,
                                        self.groups, shortcut=x if self.has_shortcut else None,
                                        residual=None if self.has_shortcut else x)
-
-
-def _krsc(weights: list) -> nn.Parameter:
-    """One block's conv weight as cuDNN reads it, (Cout, Cin, k, k) channels_last, or a pair's stacked
-    (`cudnn_conv.stacked_krsc`)."""
-    w = [t.detach() for t in weights]
-    value = (w[0].contiguous(memory_format=torch.channels_last) if len(w) == 1
-             else cudnn_conv.stacked_krsc(torch.stack(w)))
-    return nn.Parameter(value, requires_grad=False)
 
 
 def fused_if_tuned(blocks: tuple, input_shapes: dict,
