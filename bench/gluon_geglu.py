@@ -15,8 +15,14 @@ The arithmetic is `triton_geglu`'s: fp32 accumulators over K, then the biases an
 Result (H100, seventeenth session): it gives the same bytes as the step's kernel on all seven step shapes, but it
 is slower on every one. For example: twin 32x48 38.6-41.7 us against 32.5-32.8; decoder 32x48 22.0-23.7 against
 16.7-17.0. That held with 4- or 8-warp consumers, 4 or 6 stages, and one shared ring of stages (the K loops take
-turns) or one ring per consumer (no turns). It is a probe, not used by the step. `compile_sm90`
-compiles it for an H100 on a machine without a GPU, so changes can be checked before any device time is spent.
+turns) or one ring per consumer (no turns).
+
+Eighteenth session: its SASS (`python3 -m bench.sass gluon-geglu-direct-store`) showed the epilogue storing from the
+accumulators' layout in 4-byte pieces, where Triton's kernels go through shared memory and store 16-byte vectors.
+With that store (config field `coalesced`) it is 3-4 us faster at 32x48 with 6 stages: twin 37.3 against 40.2 us,
+decoder 20.7 against 24.0. With 4 stages (now the default config) 34.8 and 19.8, against the Triton kernel's 32.7
+and 17.1. Still slower on every shape, so still a probe the step does not use. `compile_sm90` compiles it for an H100 on a machine without a GPU, so changes can be
+checked before any device time is spent.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon
 
 BLOCK_K = 64
 # (BLOCK_M, BLOCK_N, stages): a consumer warpgroup holds two BLOCK_M x BLOCK_N fp32 accumulators
-DEFAULT_CONFIG = (128, 64, 6, 4, 1)  # (BLOCK_M, BLOCK_N, stages, warps a consumer, stage rings: 1 shared or 2)
+DEFAULT_CONFIG = (128, 64, 4, 4, 1, 1)
+# (BLOCK_M, BLOCK_N, stages, warps a consumer, stage rings: 1 shared or 2, store: 1 coalesced or 0 in the
+# accumulators' layout)
 
 
 def registers(consumer_warps: int) -> "tuple[int, int, int]":
@@ -102,7 +110,8 @@ if gluon is not None:
     @gluon.jit
     def _consumer(a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
                   s_om, HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr, RINGS: gl.constexpr):
+                  BLOCK_K: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr, RINGS: gl.constexpr,
+                  COALESCED: gl.constexpr):
         """One warpgroup: the CTA's tiles number WHICH, WHICH + 2, ...: K loop on wgmma, then the GEGLU epilogue.
         The two consumers' K loops take turns (`turn`, one barrier each): a consumer starts its tile's K loop
         when the other has passed the ready barriers of its own, so the stages are consumed in the order the
@@ -150,9 +159,17 @@ if gluon is not None:
                     b_g = gl.load(bias_ptr + g * s_bg + N_OUT + offs_n).to(gl.float32)
                     acc_h = acc_h + gl.expand_dims(b_h, 0)
                     acc_g = acc_g + gl.expand_dims(b_g, 0)
-                out = acc_h * (0.5 * acc_g * (1.0 + gl.erf(acc_g * 0.7071067811865476)))
+                out = (acc_h * (0.5 * acc_g * (1.0 + gl.erf(acc_g * 0.7071067811865476)))).to(
+                    out_ptr.dtype.element_ty)
+                if COALESCED:  # through shared memory into rows of 16-byte vectors, as Triton's kernels store
+                    store_layout: gl.constexpr = gl.BlockedLayout(
+                        size_per_thread=[1, 8], threads_per_warp=[32 // (BLOCK_N // 8), BLOCK_N // 8],
+                        warps_per_cta=[WARPS, 1], order=[1, 0])
+                    out = gl.convert_layout(out, store_layout)
+                    offs_m = pm * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+                    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
                 ptrs = out_ptr + g * s_og + gl.expand_dims(offs_m, 1) * s_om + gl.expand_dims(offs_n, 0)
-                gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < M, 1))
+                gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
             local += 1
 
     @gluon.jit
@@ -160,7 +177,7 @@ if gluon is not None:
                          HAS_BIAS: gl.constexpr, W_KN: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, RINGS: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         COALESCED: gl.constexpr, num_warps: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         h_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         g_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -174,9 +191,9 @@ if gluon is not None:
             mbarrier.init(turn.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
-                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 0, num_warps, RINGS)),
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 0, num_warps, RINGS, COALESCED)),
             (_consumer, (a_bufs, h_bufs, g_bufs, ready, empty, turn, bias_ptr, out_ptr, M, N_OUT, K, G, s_bg, s_og,
-                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 1, num_warps, RINGS)),
+                         s_om, HAS_BIAS, W_KN, BLOCK_M, BLOCK_N, BLOCK_K, 1, num_warps, RINGS, COALESCED)),
             (_producer, (a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, N_OUT, K, G, W_KN, BLOCK_M,
                          BLOCK_N, BLOCK_K, RINGS)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -191,14 +208,16 @@ def fits_gluon(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> 
 
 
 def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-             config: "tuple[int, int, int, int, int]" = DEFAULT_CONFIG) -> torch.Tensor:
+             config: "tuple[int, int, int, int, int, int]" = DEFAULT_CONFIG) -> torch.Tensor:
     """hidden * gelu(gate) for x (rows.., K) with an nn.Linear weight (2N, K), or x (G, rows, K) with a stacked
-    (G, K, 2N) weight; bias (2N,) / (G, 2N) or None. config: (BLOCK_M, BLOCK_N, stages, warps a consumer, rings):
-    one ring of stages shared by both consumers, whose K loops then take turns, or one ring each (stages / 2)."""
+    (G, K, 2N) weight; bias (2N,) / (G, 2N) or None. config: (BLOCK_M, BLOCK_N, stages, warps a consumer, rings,
+    coalesced): one ring of stages shared by both consumers, whose K loops then take turns, or one ring each
+    (stages / 2); the tile stored from the accumulators' layout (0: 2-byte stores) or coalesced through shared
+    memory (1: 16-byte stores)."""
     if not fits_gluon(x, weight, config):
         raise ValueError(f"the Gluon GEGLU kernel does not take x {tuple(x.shape)} {x.dtype} with weight "
                          f"{tuple(weight.shape)} {weight.dtype} (config {config})")
-    block_m, block_n, stages, warps, rings = config
+    block_m, block_n, stages, warps, rings, coalesced = config
     at_launch, consumer_regs, producer_regs = registers(warps)
     w_kn = weight.dim() == 3
     groups = weight.shape[0] if w_kn else 1
@@ -218,18 +237,16 @@ def geglu_ws(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
         a_desc, w_desc, b if b is not None else out, out, m, n_out, k, groups, 0 if b is None else b.stride(0),
         out.stride(0), out.stride(1), HAS_BIAS=b is not None, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=BLOCK_K, STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, RINGS=rings,
-        num_warps=warps, maxnreg=at_launch)
+        COALESCED=bool(coalesced), num_warps=warps, maxnreg=at_launch)
     return out.reshape(*x.shape[:-1], n_out)
 
 
 def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1280, rows: int = 256):
-    """Compile the kernel for sm90 without a GPU (Triton ships ptxas): the CompiledKernel, its PTX and cubin.
-    Descriptors are made over CPU tensors only for their types."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
+    """Compile the kernel for sm90 without a GPU (`bench.sass.compile_sm90`): the CompiledKernel, its PTX and
+    cubin. Descriptors are made over CPU tensors only for their types."""
+    from bench import sass
 
-    block_m, block_n, stages, warps, rings = config
+    block_m, block_n, stages, warps, rings, coalesced = config
     at_launch, consumer_regs, producer_regs = registers(warps)
     groups = 2 if w_kn else 1
     a = torch.empty(groups * rows, k, dtype=torch.float16)
@@ -243,20 +260,17 @@ def compile_sm90(w_kn: bool, config=DEFAULT_CONFIG, k: int = 320, n_out: int = 1
                   bias_ptr=torch.empty(1, dtype=torch.float16), out_ptr=torch.empty(1, dtype=torch.float16),
                   M=rows, N_OUT=n_out, K=k, G=groups, s_bg=2 * n_out, s_og=rows * n_out, s_om=n_out)
     constants = dict(HAS_BIAS=True, W_KN=w_kn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, STAGES=stages,
-                     CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, RINGS=rings, num_warps=warps)
-    names = _geglu_ws_kernel.arg_names
-    signature = {n: "constexpr" if n in constants else mangle_type(values[n]) for n in names}
-    source = GluonASTSource(fn=_geglu_ws_kernel, signature=signature,
-                            constexprs={(names.index(n),): v for n, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "maxnreg": at_launch})
+                     CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, RINGS=rings,
+                     COALESCED=bool(coalesced), num_warps=warps)
+    return sass.compile_sm90(_geglu_ws_kernel, values, constants, num_warps=warps, maxnreg=at_launch)
 
 
 # (name, groups, rows a group, K, N), as bench.geglu_kernels
 SHAPES = [("twin L0", 2, 3072, 320, 1280), ("twin L1", 2, 768, 640, 2560), ("twin L2", 2, 192, 1280, 5120),
           ("mid", 2, 48, 1280, 5120), ("dec L2", 1, 192, 1280, 5120), ("dec L1", 1, 768, 640, 2560),
           ("dec L0", 1, 3072, 320, 1280)]
-CONFIGS = [(128, 64, 6, 4, 1), (128, 64, 6, 4, 2), (128, 64, 6, 8, 2), (64, 128, 4, 4, 2)]
+CONFIGS = [(128, 64, 6, 4, 1, 0), (128, 64, 6, 4, 1, 1), (128, 64, 4, 4, 1, 1), (128, 64, 6, 4, 2, 1),
+           (128, 64, 4, 8, 2, 1), (64, 128, 4, 4, 2, 1)]
 
 
 def main() -> int:

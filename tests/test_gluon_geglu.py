@@ -15,8 +15,9 @@ gg = pytest.importorskip("bench.gluon_geglu")
 H100_SHARED_BYTES = 232448  # the most shared memory one block may use
 
 
-@pytest.mark.parametrize("w_kn,config", [(True, (128, 64, 6, 4, 1)), (False, (128, 64, 4, 8, 2))],
-                         ids=["stacked-4warp-1ring", "linear-8warp-2rings"])
+@pytest.mark.parametrize("w_kn,config", [(True, (128, 64, 6, 4, 1, 1)), (False, (128, 64, 4, 8, 2, 1)),
+                                           (True, (128, 64, 6, 4, 1, 0))],
+                         ids=["stacked-4warp-1ring", "linear-8warp-2rings", "stacked-direct-store"])
 def test_compiles_for_sm90_without_a_gpu(w_kn, config):
     if gg.gluon is None:
         pytest.skip("needs Triton with Gluon")
