@@ -1,0 +1,105 @@
+"""`python3 -m bench.ncu_kernels KERNEL`: launch one of the step's kernels a few times, alone, for Nsight Compute.
+
+Why: the loop's kernels have been timed (CUDA events, graph replays, profiler sequences) but never read through
+hardware counters. Whether, say, the twin's 32x48 GEGLU is bound by L2 traffic (its 128x64 tiles re-read A and W
+from L2: about 154 MB a call, 4.7 TB/s at 32.7 us), by its epilogue, or by the tensor pipe is a counter question.
+On the device's Firecracker machines `ncu` reads the counters (pass `--clock-control none`; KINDS.md). Run as:
+
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --launch-skip 3 --launch-count 1 -k regex:'<kernel name>' python3 -m bench.ncu_kernels geglu
+
+Each KERNEL is launched WARMUP + 1 times on the step's shape, with the step's config, so `--launch-skip 3
+--launch-count 1` profiles one warm launch (the first launches compile). `--list` prints the choices and the
+kernel-name pattern of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+WARMUP = 3
+
+
+def _geglu(dev):
+    """The twin's 32x48 GEGLU (2 x 3072 x 320 -> 1280, stacked weights) on the step's Triton kernel and tile."""
+    from engines.torch_fast import triton_geglu as tg
+
+    x = torch.randn(2, 3072, 320, device=dev, dtype=torch.float16)
+    w = (torch.randn(2, 320, 2560, device=dev) / 320 ** 0.5).half()
+    b = torch.randn(2, 2560, device=dev, dtype=torch.float16)
+    return lambda: tg.geglu_linear_tma(x, w, b, (128, 64, 4, 3))
+
+
+def _gluon_geglu(dev):
+    """The same shape on the Gluon ping-pong probe (`bench.gluon_geglu`, its default config)."""
+    from bench import gluon_geglu as gg
+
+    x = torch.randn(2, 3072, 320, device=dev, dtype=torch.float16)
+    w = (torch.randn(2, 320, 2560, device=dev) / 320 ** 0.5).half()
+    b = torch.randn(2, 2560, device=dev, dtype=torch.float16)
+    return lambda: gg.geglu_ws(x, w, b)
+
+
+def _qkv(dev, batch):
+    qkv = torch.randn(batch, 1536, 3 * 320, device=dev, dtype=torch.float16)
+    return [t.reshape(batch, 1536, 8, 40).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+
+
+def _attention_triton(dev):
+    """The decoder's 32x48 self-attention (batch 2, 8 heads of 40) on the step's Triton kernel."""
+    from engines.torch_fast import triton_attention as ta
+
+    q, k, v = _qkv(dev, 2)
+    return lambda: ta.attention(q, k, v)
+
+
+def _attention_cudnn(dev):
+    """The same attention on cuDNN, as the step runs it."""
+    q, k, v = _qkv(dev, 2)
+    return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def _gemm_8x12(dev):
+    """A deep GEMM of the decoder's 8x12 transformers on cuBLAS: 192 x 1280 @ 1280 x 1280."""
+    a = torch.randn(192, 1280, device=dev, dtype=torch.float16)
+    w = torch.randn(1280, 1280, device=dev, dtype=torch.float16)
+    return lambda: a @ w
+
+
+# name -> (what builds the launch, a regular expression for ncu's -k)
+KERNELS = {
+    "geglu": (_geglu, "_geglu_tma_kernel"),
+    "gluon-geglu": (_gluon_geglu, "_geglu_ws_kernel"),
+    "attention-triton": (_attention_triton, "_attention_kernel"),
+    "attention-cudnn": (_attention_cudnn, "sdpa"),
+    "gemm-8x12": (_gemm_8x12, "nvjet|gemm"),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kernel", nargs="?", choices=sorted(KERNELS))
+    p.add_argument("--list", action="store_true", help="print each kernel's name pattern for ncu's -k")
+    a = p.parse_args(argv)
+    if a.list or a.kernel is None:
+        for name, (make, pattern) in KERNELS.items():
+            print(f"{name:<18} -k regex:'{pattern}'  {make.__doc__.splitlines()[0]}")
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    launch = KERNELS[a.kernel][0](torch.device("cuda"))
+    with torch.no_grad():
+        for _ in range(WARMUP + 1):
+            launch()
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
