@@ -8,6 +8,10 @@ descriptors' block shapes); `geglu_linear` is the pointer-loading kernel it repl
 
 `--epilogue`: what the GELU costs. Per shape, the step's autotuned kernel, then the best TMA tile with the GELU
 and the best without it (`gelu=False`: hidden * gate, the same GEMM and stores), summed over one step's calls.
+
+`--early-bias`: per shape, the best TMA tile with the biases added in the epilogue (the step's kernel) and with
+them loaded before the K loop as the accumulators' initial values (`early_bias=True`, CNRT_GEGLU_EARLY_BIAS), and
+the two results' largest difference, summed over one step's calls.
 """
 
 from __future__ import annotations
@@ -70,11 +74,42 @@ def epilogue() -> int:
     return 0
 
 
+def early_bias() -> int:
+    """Per shape, the best tile with the biases in the epilogue against the best with them loaded first."""
+    totals = [0.0, 0.0]
+    for name, g, m, k, n in SHAPES:
+        xs, ws, bs = _inputs(g, m, k, n)
+        line, outs = f"{name:8}", []
+        for j, early in enumerate((False, True)):
+            best = (float("inf"), None)
+            for cfg in CONFIGS:
+                if cfg[1] > n:
+                    continue
+                try:
+                    tg.geglu_linear_tma(xs[0], ws[0], bs[0], cfg, early_bias=early)
+                except Exception:  # e.g. out of shared memory
+                    continue
+                us = graph_time_us(lambda i, cfg=cfg: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i], cfg,
+                                                                                 early_bias=early))
+                best = min(best, (us, cfg))
+            outs.append(tg.geglu_linear_tma(xs[0], ws[0], bs[0], best[1], early_bias=early).float())
+            totals[j] += CALLS_A_STEP[name] * best[0]
+            line += f"   bias {'first' if early else 'last '} {best[0]:6.1f} us {best[1]}"
+        print(f"{line}   max diff {(outs[0] - outs[1]).abs().max().item():.1e}", flush=True)
+    print(f"one step's GEGLU calls: biases in the epilogue {totals[0]:.0f} us, loaded first {totals[1]:.0f} us")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epilogue", action="store_true", help="time the kernel with and without its GELU")
-    if ap.parse_args(argv).epilogue:
+    ap.add_argument("--early-bias", action="store_true",
+                    help="time the kernel with its biases added in the epilogue and loaded before the K loop")
+    args = ap.parse_args(argv)
+    if args.epilogue:
         return epilogue()
+    if args.early_bias:
+        return early_bias()
     total_old = total_new = 0.0
     for name, g, m, k, n in SHAPES:
         xs, ws, bs = _inputs(g, m, k, n)

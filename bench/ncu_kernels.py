@@ -10,7 +10,8 @@ On the device's Firecracker machines `ncu` reads the counters (pass `--clock-con
 
 Each KERNEL is launched WARMUP + 1 times on the step's shape, with the step's config, so `--launch-skip 3
 --launch-count 1` profiles one warm launch (the first launches compile). `--list` prints the choices and the
-kernel-name pattern of each.
+kernel-name pattern of each. The step's switches apply (e.g. CNRT_GEGLU_EARLY_BIAS=1 for the GEGLU kernel with
+its biases loaded before the K loop).
 """
 
 from __future__ import annotations

@@ -53,14 +53,19 @@ _OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]
 
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, **options):
     """The CompiledKernel of `fn` for sm_90a. args: every runtime argument by name (tensors, possibly on the CPU,
-    Triton or Gluon TensorDescriptors, ints, floats); constexprs: the constant ones. Pointers and integers
+    Triton or Gluon TensorDescriptors, ints, floats); constexprs: the constant ones (parameters with a default
+    may be left out; the default is then compiled in). Pointers and integers
     divisible by 16 carry the divisibility the JIT would record at launch, so loads and stores vectorise as
     they would on the GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
+    import inspect
+
     names = fn.arg_names
+    defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
+    constexprs = {**{n: v for n, v in defaults.items() if n not in args}, **constexprs}
     missing = [n for n in names if n not in args and n not in constexprs]
     if missing:
         raise ValueError(f"compile_sm90: no value for {missing}")
@@ -133,8 +138,9 @@ def _attention_kernel():
     return compile_sm90(ta._attention_kernel, args, constexprs, warps, stages)
 
 
-def _geglu_kernel(config=(128, 64, 4, 3)):
-    """The step's Triton GEGLU (TMA) at the twin's 32x48 shape (2 x 3072 x 320 -> 1280), one TMA tile."""
+def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = False):
+    """The step's Triton GEGLU (TMA) at the twin's 32x48 shape (2 x 3072 x 320 -> 1280), one TMA tile; early_bias:
+    the kernel's EARLY_BIAS (biases loaded before the K loop)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from engines.torch_fast import triton_geglu as tg
@@ -149,7 +155,7 @@ def _geglu_kernel(config=(128, 64, 4, 3)):
                 bias_ptr=torch.empty(groups, 2 * n_out, dtype=torch.float16), out_ptr=out, prefix_ptr=out, M=m,
                 N_OUT=n_out, K=k, s_bg=2 * n_out, s_og=m * n_out, s_om=n_out, s_pg=m * n_out, s_pm=n_out)
     constexprs = dict(HAS_BIAS=True, W_KN=True, PREFIX=0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=tg.BLOCK_K,
-                      GELU=True, PDL=2)
+                      GELU=True, PDL=2, EARLY_BIAS=early_bias)
     return compile_sm90(tg._geglu_tma_kernel, args, constexprs, warps, stages)
 
 
@@ -162,6 +168,7 @@ def _gluon_geglu_kernel(coalesced: bool):
 KERNELS = {
     "attention": _attention_kernel,
     "geglu": _geglu_kernel,
+    "geglu-early-bias": lambda: _geglu_kernel(early_bias=True),
     "gluon-geglu": lambda: _gluon_geglu_kernel(True),
     "gluon-geglu-direct-store": lambda: _gluon_geglu_kernel(False),
 }

@@ -16,7 +16,7 @@ GEGLU_CHECK = r"""
 import sys
 import torch
 from engines.torch_fast.triton_geglu import geglu_linear, geglu_linear_tma, reference
-groups, rows, k, n_out, with_bias, tma = (int(v) for v in sys.argv[1:])
+groups, rows, k, n_out, with_bias, tma, early = (int(v) for v in sys.argv[1:])
 torch.manual_seed(0)
 if groups == 0:  # an nn.Linear weight (2N, K), x (B, T, K)
     x = torch.randn(2, rows, k)
@@ -28,7 +28,10 @@ else:  # the twin's stacked (G, K, 2N) matrices, x (G, rows, K)
     bias = torch.randn(groups, 2 * n_out) if with_bias else None
 x, weight = x.half(), weight.half()
 bias = None if bias is None else bias.half()
-got = (geglu_linear_tma if tma else geglu_linear)(x, weight, bias, config=(64, 128, 4, 2))
+if tma:
+    got = geglu_linear_tma(x, weight, bias, config=(64, 128, 4, 2), early_bias=bool(early))
+else:
+    got = geglu_linear(x, weight, bias, config=(64, 128, 4, 2))
 ref = reference(x.float(), weight.float(), None if bias is None else bias.float())
 assert got.shape == ref.shape and got.dtype == torch.float16, (got.shape, got.dtype)
 print((got.float() - ref).abs().max().item())
@@ -42,7 +45,14 @@ print((got.float() - ref).abs().max().item())
     (1, 64, 64, 256, 0),    # no bias, two column blocks
 ])
 def test_geglu_kernel_equals_reference_interpreted(groups, rows, k, n_out, with_bias, tma):
-    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, with_bias, tma)], timeout=900)
+    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, with_bias, tma, 0)], timeout=900)
+    assert float(out.strip().splitlines()[-1]) < 2e-2
+
+
+@pytest.mark.parametrize("groups,rows,k,n_out", [(0, 40, 64, 128), (2, 70, 128, 128)], ids=["linear", "stacked"])
+def test_geglu_early_bias_equals_reference_interpreted(groups, rows, k, n_out):
+    """The TMA kernel with its biases as the accumulators' initial values (CNRT_GEGLU_EARLY_BIAS)."""
+    out = run_interpreted(GEGLU_CHECK, [str(v) for v in (groups, rows, k, n_out, 1, 1, 1)], timeout=900)
     assert float(out.strip().splitlines()[-1]) < 2e-2
 
 

@@ -37,6 +37,9 @@ MIN_BLOCK_N = 128  # the output width must be a multiple of every config's BLOCK
 PREFIX_MAX_RATIO = 32
 ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU (A/B measurements)
 TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
+# 1: the TMA kernel loads its biases before the K loop, as the accumulators' initial values, instead of in the
+# epilogue (experiment, not yet measured: bench/NOTES.md, "Next levers (eighteenth session)")
+EARLY_BIAS = env_flag("CNRT_GEGLU_EARLY_BIAS", False)
 
 if triton is not None:
     # their own names: Inductor re-emits a traced kernel's callees by name
@@ -105,10 +108,11 @@ if triton is not None:
     def _geglu_tma_kernel(a_desc, w_desc, bias_ptr, out_ptr, prefix_ptr, M, N_OUT, K, s_bg, s_og, s_om, s_pg,
                           s_pm, HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, PREFIX: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr = False, GELU: tl.constexpr = True):
+                          PDL: tl.constexpr = False, GELU: tl.constexpr = True, EARLY_BIAS: tl.constexpr = False):
         """The same GEMM with A and both weight tiles as bulk tensor copies (TMA). a_desc: (G * M, K) rows, tiles
         past a group's rows read the next group's and are not stored. w_desc: (G * K, 2N) if W_KN (the twin's
-        stacked matrices) else the (2N, K) Linear weight.
+        stacked matrices) else the (2N, K) Linear weight. EARLY_BIAS: the biases start the accumulators (loaded
+        before the K loop) instead of being added in the epilogue; the fp32 sums then add them first.
         PREFIX > 0: each output row is [prefix row (N_OUT / PREFIX columns), hidden * gelu(gate)]; program (m, n)
         copies its BLOCK_N / PREFIX columns of the prefix rows as well."""
         pdl_begin(PDL)
@@ -126,6 +130,10 @@ if triton is not None:
             out_ptr += N_OUT // PREFIX
         acc_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if EARLY_BIAS and HAS_BIAS:  # the biases' loads in flight during the K loop (their latency hidden)
+            offs_b = n0 + tl.arange(0, BLOCK_N)
+            acc_h += tl.load(bias_ptr + g * s_bg + offs_b).to(tl.float32)[None, :]
+            acc_g += tl.load(bias_ptr + g * s_bg + N_OUT + offs_b).to(tl.float32)[None, :]
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k0])
             acc_h = tl.dot(a, _weight_tile(w_desc, g, K, k0, n0, W_KN), acc_h)
@@ -133,7 +141,8 @@ if triton is not None:
         pdl_end(PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om, HAS_BIAS, GELU)
+        _epilogue(acc_h, acc_g, bias_ptr, out_ptr, g, offs_m, offs_n, M, N_OUT, s_bg, s_og, s_om,
+                  HAS_BIAS and not EARLY_BIAS, GELU)
 
     # Tuned once per shape on first use (outside CUDA-graph capture: the runner warms every part up first).
     _geglu_tuned = triton.autotune(configs=_configs(), key=["M", "N_OUT", "K", "s_wn"])(_geglu_kernel)
@@ -233,11 +242,13 @@ def prefix_ratio(x: torch.Tensor, weight: torch.Tensor, prefix: "torch.Tensor | 
 
 def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
                      config: "tuple[int, int, int, int] | None" = None,
-                     prefix: "torch.Tensor | None" = None, gelu: bool = True) -> torch.Tensor:
+                     prefix: "torch.Tensor | None" = None, gelu: bool = True,
+                     early_bias: "bool | None" = None) -> torch.Tensor:
     """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; None
     autotunes over TMA_TILES per shape (needs a GPU). prefix (x's rows, P): the output is [prefix, GEGLU] per row
     (`prefix_ratio` says which widths P). gelu=False (a config required) writes hidden * gate instead: a
-    measurement of the epilogue's cost, not a result the step uses."""
+    measurement of the epilogue's cost, not a result the step uses. early_bias: the kernel's EARLY_BIAS (None:
+    CNRT_GEGLU_EARLY_BIAS)."""
     if not gelu and config is None:
         raise ValueError("gelu=False is a timing probe: pass a config (the autotuner's choice is for GEGLU)")
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -245,6 +256,7 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     _require_fits(x, weight)
     ratio = prefix_ratio(x, weight, prefix)
     block_m, block_n, warps, stages = config or (64, 64, 4, 4)  # autotuning resets the descriptors' blocks
+    early = EARLY_BIAS if early_bias is None else early_bias
     w_kn = weight.dim() == 3
     b = bias if bias is None or bias.dim() == 2 else bias[None]
     groups = weight.shape[0] if w_kn else 1
@@ -262,11 +274,12 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_out // meta["BLOCK_N"], groups)  # noqa: E731
         _geglu_tma_tuned[grid](*args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_K=BLOCK_K,
-                               **pdl.launch_args(x.device))
+                               EARLY_BIAS=early, **pdl.launch_args(x.device))
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, GELU=gelu, **pdl.launch_args(x.device))
+            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, GELU=gelu, EARLY_BIAS=early,
+            **pdl.launch_args(x.device))
     return out.reshape(*x.shape[:-1], width)
 
 
