@@ -46,6 +46,22 @@ def _inputs(g: int, m: int, k: int, n: int):
     return xs, ws, bs
 
 
+def _best_tile(xs, ws, bs, n: int, **options) -> "tuple[float, tuple | None]":
+    """(us, config) of the fastest TMA tile for one shape, with geglu_linear_tma's keyword options (gelu,
+    early_bias); tiles that do not fit (e.g. out of shared memory) are skipped."""
+    best = (float("inf"), None)
+    for cfg in CONFIGS:
+        if cfg[1] > n:
+            continue
+        try:
+            tg.geglu_linear_tma(xs[0], ws[0], bs[0], cfg, **options)
+        except Exception:  # e.g. out of shared memory
+            continue
+        us = graph_time_us(lambda i, cfg=cfg: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i], cfg, **options))
+        best = min(best, (us, cfg))
+    return best
+
+
 def epilogue() -> int:
     """The step's kernel, the best tile with the GELU and the best without it, per shape and per step."""
     totals = [0.0, 0.0, 0.0]
@@ -54,16 +70,7 @@ def epilogue() -> int:
         step = graph_time_us(lambda i: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i]))
         line, times = f"{name:8} step kernel {step:6.1f} us", [step]
         for gelu in (True, False):
-            best = (float("inf"), None)
-            for cfg in CONFIGS:
-                if cfg[1] > n:
-                    continue
-                try:
-                    tg.geglu_linear_tma(xs[0], ws[0], bs[0], cfg, gelu=gelu)
-                except Exception:  # e.g. out of shared memory
-                    continue
-                us = graph_time_us(lambda i, cfg=cfg: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i], cfg, gelu=gelu))
-                best = min(best, (us, cfg))
+            best = _best_tile(xs, ws, bs, n, gelu=gelu)
             times.append(best[0])
             line += f"   {'with' if gelu else 'without'} GELU {best[0]:6.1f} us {best[1]}"
         for j, t in enumerate(times):
@@ -81,17 +88,7 @@ def early_bias() -> int:
         xs, ws, bs = _inputs(g, m, k, n)
         line, outs = f"{name:8}", []
         for j, early in enumerate((False, True)):
-            best = (float("inf"), None)
-            for cfg in CONFIGS:
-                if cfg[1] > n:
-                    continue
-                try:
-                    tg.geglu_linear_tma(xs[0], ws[0], bs[0], cfg, early_bias=early)
-                except Exception:  # e.g. out of shared memory
-                    continue
-                us = graph_time_us(lambda i, cfg=cfg: lambda: tg.geglu_linear_tma(xs[i], ws[i], bs[i], cfg,
-                                                                                 early_bias=early))
-                best = min(best, (us, cfg))
+            best = _best_tile(xs, ws, bs, n, early_bias=early)
             outs.append(tg.geglu_linear_tma(xs[0], ws[0], bs[0], best[1], early_bias=early).float())
             totals[j] += CALLS_A_STEP[name] * best[0]
             line += f"   bias {'first' if early else 'last '} {best[0]:6.1f} us {best[1]}"
