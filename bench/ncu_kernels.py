@@ -71,6 +71,28 @@ def _gemm_8x12(dev):
     return lambda: a @ w
 
 
+def _conv_8x12(dev):
+    """The decoder's 8x12 ResNet conv 2x1280x8x12 -> 1280 on the step's Triton TMA kernel, with the H100 table's
+    config (64x128 tiles, split 6, 5 stages, box 2x8x4; the kernel writes fp32 partials)."""
+    from engines.torch_fast import triton_conv
+    from engines.torch_fast.triton_conv import ConvConfig
+
+    x = torch.randn(2, 1280, 8, 12, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = triton_conv.weight_matrix(torch.randn(1280, 1280, 3, 3, device=dev, dtype=torch.float16) * 0.01)
+    cfg = ConvConfig(block_m=64, block_n=128, block_k=64, split_k=6, num_warps=4, num_stages=5, box=(2, 8, 4))
+    return lambda: triton_conv.conv2d_nhwc(x, w, None, 3, 1, 1, cfg, fixup=False)
+
+
+def _conv_32x48(dev):
+    """The decoder's 32x48 conv 2x960x32x48 -> 320 on the cuDNN graph-API engine config the H100 table chose
+    (`cudnn_conv.run`; needs the cudnn-frontend package)."""
+    from engines.torch_fast import cudnn_conv
+
+    x = torch.randn(2, 960, 32, 48, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = (torch.randn(320, 960, 3, 3, device=dev, dtype=torch.float16) * 0.01).to(memory_format=torch.channels_last)
+    return lambda: cudnn_conv.run(x, w, 1, "eng62_k2=18_k13=1_k18=0_k25=1_k27=8_k28=1")
+
+
 # name -> (what builds the launch, a regular expression for ncu's -k)
 KERNELS = {
     "geglu": (_geglu, "_geglu_tma_kernel"),
@@ -78,6 +100,8 @@ KERNELS = {
     "attention-triton": (_attention_triton, "_attention_kernel"),
     "attention-cudnn": (_attention_cudnn, "sdpa"),
     "gemm-8x12": (_gemm_8x12, "nvjet|gemm"),
+    "conv-8x12": (_conv_8x12, "_conv_tma_kernel"),
+    "conv-32x48": (_conv_32x48, "xmma_fprop|conv"),
 }
 
 
