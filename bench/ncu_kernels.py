@@ -8,6 +8,10 @@ On the device's Firecracker machines `ncu` reads the counters (pass `--clock-con
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --launch-skip 3 --launch-count 1 -k regex:'<kernel name>' python3 -m bench.ncu_kernels geglu
 
+`bash tools/ncu_kernels.sh OUTDIR [KERNEL ...]` runs that for each kernel with the metrics of the eighteenth
+session (time, SM / L2 / DRAM throughput and bytes, tensor-pipe activity, warps active, registers, warp stall
+reasons) and prints a summary.
+
 Each KERNEL is launched WARMUP + 1 times on the step's shape, with the step's config, so `--launch-skip 3
 --launch-count 1` profiles one warm launch (the first launches compile). `--list` prints the choices and the
 kernel-name pattern of each. The step's switches apply (e.g. CNRT_GEGLU_EARLY_BIAS=1 for the GEGLU kernel with
