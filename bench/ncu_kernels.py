@@ -29,13 +29,19 @@ import torch.nn.functional as F
 WARMUP = 3
 
 
+def _twin_geglu_inputs():
+    """One (x, stacked weight, bias) set of the twin's 32x48 GEGLU shape, as `bench.geglu_kernels` makes them."""
+    from bench.geglu_kernels import _inputs
+
+    xs, ws, bs = _inputs(2, 3072, 320, 1280)
+    return xs[0], ws[0], bs[0]
+
+
 def _geglu(dev):
     """The twin's 32x48 GEGLU (2 x 3072 x 320 -> 1280, stacked weights) on the step's Triton kernel and tile."""
     from engines.torch_fast import triton_geglu as tg
 
-    x = torch.randn(2, 3072, 320, device=dev, dtype=torch.float16)
-    w = (torch.randn(2, 320, 2560, device=dev) / 320 ** 0.5).half()
-    b = torch.randn(2, 2560, device=dev, dtype=torch.float16)
+    x, w, b = _twin_geglu_inputs()
     return lambda: tg.geglu_linear_tma(x, w, b, (128, 64, 4, 3))
 
 
@@ -43,9 +49,7 @@ def _gluon_geglu(dev):
     """The same shape on the Gluon ping-pong probe (`bench.gluon_geglu`, its default config)."""
     from bench import gluon_geglu as gg
 
-    x = torch.randn(2, 3072, 320, device=dev, dtype=torch.float16)
-    w = (torch.randn(2, 320, 2560, device=dev) / 320 ** 0.5).half()
-    b = torch.randn(2, 2560, device=dev, dtype=torch.float16)
+    x, w, b = _twin_geglu_inputs()
     return lambda: gg.geglu_ws(x, w, b)
 
 

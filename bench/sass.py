@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -61,8 +62,7 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stage
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
-    import inspect
-
+    gluon = getattr(fn, "is_gluon", lambda: False)()
     names = fn.arg_names
     defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
     constexprs = {**{n: v for n, v in defaults.items() if n not in args}, **constexprs}
@@ -75,13 +75,13 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stage
         or (isinstance(args[n], int) and not isinstance(args[n], bool) and args[n] % 16 == 0))]
     source_args = dict(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    if getattr(fn, "is_gluon", lambda: False)():
+    if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource
         source = GluonASTSource(**source_args)
     else:
         source = ASTSource(**source_args)
     opts = {"num_warps": num_warps, **options}
-    if not getattr(fn, "is_gluon", lambda: False)():
+    if not gluon:  # a Gluon kernel states its own pipelining
         opts["num_stages"] = num_stages
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=opts)
 
