@@ -12,6 +12,9 @@ and the best without it (`gelu=False`: hidden * gate, the same GEMM and stores),
 `--early-bias`: per shape, the best TMA tile with the biases added in the epilogue (the step's kernel) and with
 them loaded before the K loop as the accumulators' initial values (`early_bias=True`, CNRT_GEGLU_EARLY_BIAS), and
 the two results' largest difference, summed over one step's calls.
+`--maxnreg`: per shape, the best of the step's tiles against the best of tiles with fewer stages and a register cap
+(`MAXNREG_TILES`), so that three programs fit an SM instead of two (the cap makes the compiler spill), and the two
+results' largest difference.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ SHAPES = [("twin L0", 2, 3072, 320, 1280), ("twin L1", 2, 768, 640, 2560), ("twi
           ("dec L0", 1, 3072, 320, 1280)]
 CALLS_A_STEP = {"twin L0": 2, "twin L1": 2, "twin L2": 2, "mid": 1, "dec L2": 3, "dec L1": 3, "dec L0": 3}
 CONFIGS = list(tg.TMA_TILES)  # the tiles the step autotunes over
+# 2-stage tiles capped at 168 registers a thread (they need 199-226): three 4-warp programs an SM by registers
+# (3 x 168 x 128 <= 65536) and by shared memory (64-80 KB each); compiled on the CPU they spill 42-50 registers
+MAXNREG_TILES = [(128, 64, 4, 2, 168), (64, 128, 4, 2, 168), (128, 64, 4, 3, 168), (128, 128, 8, 2, 168)]
 
 
 def _inputs(g: int, m: int, k: int, n: int):
@@ -46,11 +52,12 @@ def _inputs(g: int, m: int, k: int, n: int):
     return xs, ws, bs
 
 
-def _best_tile(xs, ws, bs, n: int, **options) -> "tuple[float, tuple | None]":
-    """(us, config) of the fastest TMA tile for one shape, with geglu_linear_tma's keyword options (gelu,
-    early_bias); tiles that do not fit (e.g. out of shared memory) are skipped."""
+def _best_tile(xs, ws, bs, n: int, configs=None, **options) -> "tuple[float, tuple | None]":
+    """(us, config) of the fastest TMA tile for one shape (among `configs`, default CONFIGS), with
+    geglu_linear_tma's keyword options (gelu, early_bias); tiles that do not fit (e.g. out of shared memory) are
+    skipped."""
     best = (float("inf"), None)
-    for cfg in CONFIGS:
+    for cfg in configs or CONFIGS:
         if cfg[1] > n:
             continue
         try:
@@ -97,12 +104,39 @@ def early_bias() -> int:
     return 0
 
 
+def register_cap() -> int:
+    """Per shape, the best of the step's tiles against the best register-capped tile (MAXNREG_TILES); a shape no
+    capped tile fits keeps the step's tile in the sums."""
+    totals = [0.0, 0.0]
+    for name, g, m, k, n in SHAPES:
+        xs, ws, bs = _inputs(g, m, k, n)
+        step = _best_tile(xs, ws, bs, n)
+        capped = _best_tile(xs, ws, bs, n, MAXNREG_TILES)
+        line = f"{name:8}   step tiles {step[0]:6.1f} us {step[1]}"
+        if capped[1] is None:
+            line += "   no capped tile fits"
+            capped = step
+        else:
+            diff = (tg.geglu_linear_tma(xs[0], ws[0], bs[0], step[1]).float()
+                    - tg.geglu_linear_tma(xs[0], ws[0], bs[0], capped[1]).float()).abs().max().item()
+            line += f"   capped {capped[0]:6.1f} us {capped[1]}   max diff {diff:.1e}"
+        totals[0] += CALLS_A_STEP[name] * step[0]
+        totals[1] += CALLS_A_STEP[name] * min(step[0], capped[0])
+        print(line, flush=True)
+    print(f"one step's GEGLU calls: step tiles {totals[0]:.0f} us, with a capped tile where faster {totals[1]:.0f} us")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epilogue", action="store_true", help="time the kernel with and without its GELU")
     ap.add_argument("--early-bias", action="store_true",
                     help="time the kernel with its biases added in the epilogue and loaded before the K loop")
+    ap.add_argument("--maxnreg", action="store_true",
+                    help="time the step's tiles against register-capped tiles that fit three programs an SM")
     args = ap.parse_args(argv)
+    if args.maxnreg:
+        return register_cap()
     if args.epilogue:
         return epilogue()
     if args.early_bias:

@@ -14,8 +14,8 @@ reasons) and prints a summary.
 
 Each KERNEL is launched WARMUP + 1 times on the step's shape, with the step's config, so `--launch-skip 3
 --launch-count 1` profiles one warm launch (the first launches compile). `--list` prints the choices and the
-kernel-name pattern of each. The step's switches apply (e.g. CNRT_GEGLU_EARLY_BIAS=1 for the GEGLU kernel with
-its biases loaded before the K loop).
+kernel-name pattern of each. The step's switches apply (e.g. CNRT_GEGLU_EARLY_BIAS=0 for the GEGLU kernel with
+its biases added in the epilogue, the form before the nineteenth session).
 """
 
 from __future__ import annotations

@@ -138,9 +138,10 @@ def _attention_kernel():
     return compile_sm90(ta._attention_kernel, args, constexprs, warps, stages)
 
 
-def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = False):
+def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = True):
     """The step's Triton GEGLU (TMA) at the twin's 32x48 shape (2 x 3072 x 320 -> 1280), one TMA tile; early_bias:
-    the kernel's EARLY_BIAS (biases loaded before the K loop)."""
+    the kernel's EARLY_BIAS (biases loaded before the K loop, the step's default since the nineteenth session;
+    False: added in the epilogue)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from engines.torch_fast import triton_geglu as tg
@@ -168,7 +169,7 @@ def _gluon_geglu_kernel(coalesced: bool):
 KERNELS = {
     "attention": _attention_kernel,
     "geglu": _geglu_kernel,
-    "geglu-early-bias": lambda: _geglu_kernel(early_bias=True),
+    "geglu-late-bias": lambda: _geglu_kernel(early_bias=False),
     "gluon-geglu": lambda: _gluon_geglu_kernel(True),
     "gluon-geglu-direct-store": lambda: _gluon_geglu_kernel(False),
 }

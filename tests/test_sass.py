@@ -64,15 +64,15 @@ def test_compile_refuses_missing_arguments():
 
 
 def test_early_bias_loads_precede_the_k_loop():
-    """CNRT_GEGLU_EARLY_BIAS moves the GEGLU kernel's only global loads (the biases) before its first wgmma; by
-    default they come after it, in the epilogue."""
+    """CNRT_GEGLU_EARLY_BIAS (default) puts the GEGLU kernel's only global loads (the biases) before its first
+    wgmma; with it off they come after it, in the epilogue."""
     def order(name):
         ops = sass.opcodes(sass.sass(sass.KERNELS[name]()))
         first_mma = next(i for i, op in enumerate(ops) if op.startswith("HGMMA"))
         loads = [i for i, op in enumerate(ops) if op.startswith("LDG")]
         return first_mma, loads
 
-    first_mma, loads = order("geglu-early-bias")
-    assert loads and max(loads) < first_mma
     first_mma, loads = order("geglu")
+    assert loads and max(loads) < first_mma
+    first_mma, loads = order("geglu-late-bias")
     assert loads and min(loads) > first_mma

@@ -4,7 +4,7 @@
 #   bash tools/ncu_kernels.sh OUTDIR [KERNEL ...]      # default: every kernel `python3 -m bench.ncu_kernels --list` names
 # Writes OUTDIR/ncu_KERNEL.txt and prints, per kernel: time, SM / L2 / DRAM throughput, bytes, tensor-pipe activity,
 # warps active, registers, and the warp stall reasons above 0.05 (stalled warps per issued instruction).
-# The environment passes through, e.g. CNRT_GEGLU_EARLY_BIAS=1 bash tools/ncu_kernels.sh out geglu.
+# The environment passes through, e.g. CNRT_GEGLU_EARLY_BIAS=0 bash tools/ncu_kernels.sh out geglu.
 set -uo pipefail
 out=${1:?usage: tools/ncu_kernels.sh OUTDIR [KERNEL ...]}
 shift

@@ -37,9 +37,10 @@ MIN_BLOCK_N = 128  # the output width must be a multiple of every config's BLOCK
 PREFIX_MAX_RATIO = 32
 ENABLED = env_flag("CNRT_TRITON_GEGLU", True)  # 0: cuBLAS GEMM + Inductor GELU (A/B measurements)
 TMA = env_flag("CNRT_GEGLU_TMA", True)  # 0: the step's kernel loads its tiles by pointers (A/B measurements)
-# 1: the TMA kernel loads its biases before the K loop, as the accumulators' initial values, instead of in the
-# epilogue (experiment, not yet measured: bench/NOTES.md, "Next levers (eighteenth session)")
-EARLY_BIAS = env_flag("CNRT_GEGLU_EARLY_BIAS", False)
+# The TMA kernel loads its biases before the K loop, as the accumulators' initial values (0: in the epilogue, after
+# the K loop, where their loads' latency is exposed). One step's calls 322 against 334 us on an H100, loop 64.97
+# against 65.28 ms (bench/NOTES.md, nineteenth session).
+EARLY_BIAS = env_flag("CNRT_GEGLU_EARLY_BIAS", True)
 
 if triton is not None:
     # their own names: Inductor re-emits a traced kernel's callees by name
@@ -244,8 +245,9 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
                      config: "tuple[int, int, int, int] | None" = None,
                      prefix: "torch.Tensor | None" = None, gelu: bool = True,
                      early_bias: "bool | None" = None) -> torch.Tensor:
-    """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; None
-    autotunes over TMA_TILES per shape (needs a GPU). prefix (x's rows, P): the output is [prefix, GEGLU] per row
+    """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) config
+    (maxnreg: a cap on registers a thread, so that more programs fit an SM); None autotunes over TMA_TILES per
+    shape (needs a GPU). prefix (x's rows, P): the output is [prefix, GEGLU] per row
     (`prefix_ratio` says which widths P). gelu=False (a config required) writes hidden * gate instead: a
     measurement of the epilogue's cost, not a result the step uses. early_bias: the kernel's EARLY_BIAS (None:
     CNRT_GEGLU_EARLY_BIAS)."""
@@ -255,7 +257,8 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
 
     _require_fits(x, weight)
     ratio = prefix_ratio(x, weight, prefix)
-    block_m, block_n, warps, stages = config or (64, 64, 4, 4)  # autotuning resets the descriptors' blocks
+    block_m, block_n, warps, stages, *cap = config or (64, 64, 4, 4)  # autotuning resets the descriptors' blocks
+    registers = {"maxnreg": cap[0]} if cap and cap[0] else {}
     early = EARLY_BIAS if early_bias is None else early_bias
     w_kn = weight.dim() == 3
     b = bias if bias is None or bias.dim() == 2 else bias[None]
@@ -278,7 +281,7 @@ def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
     else:
         _geglu_tma_kernel[(triton.cdiv(m, block_m), n_out // block_n, groups)](
             *args, HAS_BIAS=b is not None, W_KN=w_kn, PREFIX=ratio, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, GELU=gelu, EARLY_BIAS=early,
+            BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, GELU=gelu, EARLY_BIAS=early, **registers,
             **pdl.launch_args(x.device))
     return out.reshape(*x.shape[:-1], width)
 
