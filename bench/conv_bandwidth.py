@@ -10,6 +10,12 @@ the tuner now tries. A copy of the kernel with tile-blocked weights, or with an 
 stream, gained at most 5% at 8x12 and nothing at 4x6, so neither was kept. On an H100 (session 16) they reach
 2.15 TB/s, torch's own `sum` 2.2 and a plain Triton read with 2112 programs 2.73 (`read_roofline`; `--read-only`
 runs only the reads).
+
+`--cache TABLE` (a conv tuning table, e.g. build/256x384-fp16/torch/<gpu>/conv_tuning.json): for each shape the
+table runs on Triton, the table's config with its weights from DRAM (three rotating sets) and hot in L2 (one set),
+torch's `sum` of the same weight bytes, and cuBLAS's batched GEMM over a materialised im2col (the GEMM alone). The
+nineteenth session's question: is a deep convolution bound by its weights' DRAM traffic? On an H100 it was not:
+L2-hot weights gave the same times (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ TILES = [(64, 64, 4, 4), (64, 64, 4, 6), (64, 64, 4, 8), (64, 128, 4, 4), (64, 1
          (64, 128, 4, 7), (64, 128, 8, 4), (64, 256, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
 SHAPES = [  # (groups, batch, Cin, H, W, Cout): the twin's and the decoder's 4x6 and 8x12 convolutions
     (2, 2, 1280, 4, 6, 1280), (1, 2, 2560, 4, 6, 1280), (2, 2, 1280, 8, 12, 1280), (1, 2, 2560, 8, 12, 1280)]
+CACHE_SHAPES = SHAPES + [(1, 2, 1280, 8, 12, 1280)]  # --cache adds the decoder's 8x12 conv2 (28 MiB: fits L2)
 
 
 @triton.jit
@@ -52,7 +59,42 @@ def read_roofline(bufs: list, nbytes: int) -> None:
         print(f"  Triton read, {programs} programs of {block}: {us:.1f} us = {nbytes / us / 1e6:.2f} TB/s", flush=True)
 
 
+def cache_and_cublas(table_path: str) -> None:
+    """The table's Triton config per deep shape: weights cold and L2-hot, against a plain read of the same bytes
+    and cuBLAS over a materialised im2col."""
+    from engines.torch_fast.conv_tuning import TuningTable
+    from engines.torch_fast.triton_conv import weight_matrix
+
+    dev = torch.device("cuda")
+    table = TuningTable.load(table_path)
+    for g, n, c, h, w, cout in CACHE_SHAPES:
+        key = f"{n}x{c}x{h}x{w}->{cout} k3 s1 p1" + (f" g{g}" if g > 1 else "")
+        choice = table.choices.get(key)
+        if choice is None or choice.backend != "triton":
+            print(f"{key}: not on Triton in the table", flush=True)
+            continue
+        cfg = choice.config
+        xs = [torch.randn(g * n, c, h, w, device=dev, dtype=torch.float16)
+              .contiguous(memory_format=torch.channels_last) for _ in range(3)]
+        mats = [weight_matrix(torch.randn(g, cout, c, 3, 3, device=dev, dtype=torch.float16) * 0.01)
+                for _ in range(3)]
+        mats = [m if g > 1 else m[0] for m in mats]  # one group: the (K, Cout) matrix the step passes
+        mib = mats[0].numel() * 2 / 2 ** 20
+
+        def conv(i):
+            return lambda: conv2d_nhwc(xs[i], mats[i], None, 3, 1, 1, cfg, groups=g, sum_only=True)
+
+        cold, hot = graph_time_us(conv), graph_time_us(conv, copies=1)
+        read = graph_time_us(lambda i: lambda: mats[i].sum(dtype=torch.float32))
+        cols = [torch.randn(g, n * h * w, 9 * c, device=dev, dtype=torch.float16) for _ in range(3)]
+        cublas = graph_time_us(lambda i: lambda: torch.bmm(cols[i], mats[i].reshape(g, 9 * c, cout)))
+        print(f"{key} ({mib:.0f} MiB of weights), {cfg}: cold {cold:.1f} us, L2-hot {hot:.1f} us; "
+              f"torch sum of the weights {read:.1f} us; cuBLAS over an im2col {cublas:.1f} us", flush=True)
+
+
 def main() -> None:
+    if "--cache" in sys.argv:
+        return cache_and_cublas(sys.argv[sys.argv.index("--cache") + 1])
     dev = torch.device("cuda")
     torch.manual_seed(0)
     nbytes = 59 * 2 ** 20
