@@ -160,6 +160,25 @@ def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = True):
     return compile_sm90(tg._geglu_tma_kernel, args, constexprs, warps, stages)
 
 
+def _conv_tma_kernel():
+    """The step's TMA convolution at the decoder's 8x12 conv2 (2x1280x8x12 -> 1280, the H100 table's config: box
+    (2, 8, 4), 64x128 tiles, split 6, 5 stages). Its A tile, a 4-D box, is reshaped to 2-D through registers, so
+    every wgmma takes A from registers and is waited for at once (bench/NOTES.md, nineteenth session)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from engines.torch_fast import triton_conv as tc
+
+    x = TensorDescriptor.from_tensor(torch.empty(2, 8, 12, 1280, dtype=torch.float16), [2, 8, 4, 64])
+    w = TensorDescriptor.from_tensor(torch.empty(9 * 1280, 1280, dtype=torch.float16), [64, 128])
+    t = torch.empty(16, dtype=torch.float16)
+    args = dict(x_desc=x, w_desc=w, x2_desc=x, bias_ptr=t, out_ptr=torch.empty(16, dtype=torch.float32), res_ptr=t,
+                ws_ptr=t, count_ptr=t, N_IMG=2, OH=8, OW=12, C=1280, COUT=1280, KROWS=9 * 1280,
+                K_STEPS_PER_SPLIT=30, SPLIT=6, GROUPS=1, M=192, BIAS_STRIDE=0, TILES_Y=1, TILES_X=3)
+    constexprs = dict(PAD=1, KSIZE=3, HAS_BIAS=False, HAS_SHORTCUT=False, HAS_RESIDUAL=False, FIXUP=False,
+                      BOX_I=2, BOX_H=8, BOX_W=4, BLOCK_N=128, BLOCK_K=64, PDL=2)
+    return compile_sm90(tc._conv_tma_kernel, args, constexprs, 4, 5)
+
+
 def _gluon_geglu_kernel(coalesced: bool):
     from bench import gluon_geglu as gg
 
@@ -170,6 +189,7 @@ KERNELS = {
     "attention": _attention_kernel,
     "geglu": _geglu_kernel,
     "geglu-late-bias": lambda: _geglu_kernel(early_bias=False),
+    "conv-tma": _conv_tma_kernel,
     "gluon-geglu": lambda: _gluon_geglu_kernel(True),
     "gluon-geglu-direct-store": lambda: _gluon_geglu_kernel(False),
 }

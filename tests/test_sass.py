@@ -36,7 +36,7 @@ def test_summary_counts_instruction_classes_and_store_widths():
     assert counts["instructions"] == 8
 
 
-@pytest.mark.parametrize("name", ["attention", "geglu"])
+@pytest.mark.parametrize("name", ["attention", "geglu", "conv-tma"])
 def test_step_kernels_compile_for_sm90(name):
     kernel = sass.KERNELS[name]()
     counts = sass.summary(sass.sass(kernel))
