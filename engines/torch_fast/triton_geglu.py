@@ -242,7 +242,7 @@ def prefix_ratio(x: torch.Tensor, weight: torch.Tensor, prefix: "torch.Tensor | 
 
 
 def geglu_linear_tma(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None",
-                     config: "tuple[int, int, int, int] | None" = None,
+                     config: "tuple[int, ...] | None" = None,
                      prefix: "torch.Tensor | None" = None, gelu: bool = True,
                      early_bias: "bool | None" = None) -> torch.Tensor:
     """`geglu_linear` through the TMA kernel, with one (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) config
