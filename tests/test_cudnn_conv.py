@@ -106,7 +106,6 @@ def test_fused_resnet_on_graph_api_convolutions_computes_the_diffusers_block(mon
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(cudnn_conv.cudnn is not None, reason="the cudnn-frontend package is installed")
 def test_weights_are_laid_out_as_the_calls_read_them():
     """krsc_weights / shortcut_matrices: one network's (G = 1) and a pair's weights, as `run` and `run_groups` take
     them (what the tuner and FusedResnet both build with)."""
@@ -122,6 +121,7 @@ def test_weights_are_laid_out_as_the_calls_read_them():
             assert torch.equal(matrices, w2[..., 0, 0].transpose(1, 2)) and matrices.is_contiguous()
 
 
+@pytest.mark.skipif(cudnn_conv.cudnn is not None, reason="the cudnn-frontend package is installed")
 def test_without_the_package_the_call_says_what_is_missing():
     x = torch.zeros(1, 8, 4, 4, dtype=torch.half)
     with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
