@@ -29,6 +29,14 @@ import torch.nn.functional as F
 WARMUP = 3
 
 
+def conv_8x12_config():
+    """The H100 table's config for the decoder's 8x12 ResNet conv 2x1280x8x12 -> 1280: 64x128 tiles, split 6, 5
+    stages, box 2x8x4 (`bench.sass conv-tma` compiles the kernel with it too)."""
+    from engines.torch_fast.triton_conv import ConvConfig
+
+    return ConvConfig(block_m=64, block_n=128, block_k=64, split_k=6, num_warps=4, num_stages=5, box=(2, 8, 4))
+
+
 def _twin_geglu_inputs():
     """One (x, stacked weight, bias) set of the twin's 32x48 GEGLU shape, as `bench.geglu_kernels` makes them."""
     from bench.geglu_kernels import _inputs
@@ -81,14 +89,12 @@ def _gemm_8x12(dev):
 
 def _conv_8x12(dev):
     """The decoder's 8x12 ResNet conv 2x1280x8x12 -> 1280 on the step's Triton TMA kernel, with the H100 table's
-    config (64x128 tiles, split 6, 5 stages, box 2x8x4; the kernel writes fp32 partials)."""
+    config (`conv_8x12_config`; the kernel writes fp32 partials)."""
     from engines.torch_fast import triton_conv
-    from engines.torch_fast.triton_conv import ConvConfig
 
     x = torch.randn(2, 1280, 8, 12, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
     w = triton_conv.weight_matrix(torch.randn(1280, 1280, 3, 3, device=dev, dtype=torch.float16) * 0.01)
-    cfg = ConvConfig(block_m=64, block_n=128, block_k=64, split_k=6, num_warps=4, num_stages=5, box=(2, 8, 4))
-    return lambda: triton_conv.conv2d_nhwc(x, w, None, 3, 1, 1, cfg, fixup=False)
+    return lambda: triton_conv.conv2d_nhwc(x, w, None, 3, 1, 1, conv_8x12_config(), fixup=False)
 
 
 def _conv_32x48(dev):

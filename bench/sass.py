@@ -161,22 +161,27 @@ def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = True):
 
 
 def _conv_tma_kernel():
-    """The step's TMA convolution at the decoder's 8x12 conv2 (2x1280x8x12 -> 1280, the H100 table's config: box
-    (2, 8, 4), 64x128 tiles, split 6, 5 stages). Its A tile, a 4-D box, is reshaped to 2-D through registers, so
-    every wgmma takes A from registers and is waited for at once (bench/NOTES.md, nineteenth session)."""
+    """The step's TMA convolution at the decoder's 8x12 conv2 (2x1280x8x12 -> 1280) with the H100 table's config
+    (`bench.ncu_kernels.conv_8x12_config`, the one ncu profiles). Its A tile, a 4-D box, is reshaped to 2-D through
+    registers, so every wgmma takes A from registers and is waited for at once (bench/NOTES.md, nineteenth
+    session)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from bench.ncu_kernels import conv_8x12_config
     from engines.torch_fast import triton_conv as tc
 
-    x = TensorDescriptor.from_tensor(torch.empty(2, 8, 12, 1280, dtype=torch.float16), [2, 8, 4, 64])
-    w = TensorDescriptor.from_tensor(torch.empty(9 * 1280, 1280, dtype=torch.float16), [64, 128])
+    cfg = conv_8x12_config()
+    (bi, bh, bw), c, cout, h, w = cfg.box, 1280, 1280, 8, 12
+    x = TensorDescriptor.from_tensor(torch.empty(2, h, w, c, dtype=torch.float16), [bi, bh, bw, cfg.block_k])
+    wd = TensorDescriptor.from_tensor(torch.empty(9 * c, cout, dtype=torch.float16), [cfg.block_k, cfg.block_n])
     t = torch.empty(16, dtype=torch.float16)
-    args = dict(x_desc=x, w_desc=w, x2_desc=x, bias_ptr=t, out_ptr=torch.empty(16, dtype=torch.float32), res_ptr=t,
-                ws_ptr=t, count_ptr=t, N_IMG=2, OH=8, OW=12, C=1280, COUT=1280, KROWS=9 * 1280,
-                K_STEPS_PER_SPLIT=30, SPLIT=6, GROUPS=1, M=192, BIAS_STRIDE=0, TILES_Y=1, TILES_X=3)
+    args = dict(x_desc=x, w_desc=wd, x2_desc=x, bias_ptr=t, out_ptr=torch.empty(16, dtype=torch.float32), res_ptr=t,
+                ws_ptr=t, count_ptr=t, N_IMG=2, OH=h, OW=w, C=c, COUT=cout, KROWS=9 * c,
+                K_STEPS_PER_SPLIT=9 * c // cfg.block_k // cfg.split_k, SPLIT=cfg.split_k, GROUPS=1, M=2 * h * w,
+                BIAS_STRIDE=0, TILES_Y=-(-h // bh), TILES_X=-(-w // bw))
     constexprs = dict(PAD=1, KSIZE=3, HAS_BIAS=False, HAS_SHORTCUT=False, HAS_RESIDUAL=False, FIXUP=False,
-                      BOX_I=2, BOX_H=8, BOX_W=4, BLOCK_N=128, BLOCK_K=64, PDL=2)
-    return compile_sm90(tc._conv_tma_kernel, args, constexprs, 4, 5)
+                      BOX_I=bi, BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=2)
+    return compile_sm90(tc._conv_tma_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def _gluon_geglu_kernel(coalesced: bool):
