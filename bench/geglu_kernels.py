@@ -9,9 +9,9 @@ descriptors' block shapes); `geglu_linear` is the pointer-loading kernel it repl
 `--epilogue`: what the GELU costs. Per shape, the step's autotuned kernel, then the best TMA tile with the GELU
 and the best without it (`gelu=False`: hidden * gate, the same GEMM and stores), summed over one step's calls.
 
-`--early-bias`: per shape, the best TMA tile with the biases added in the epilogue (the step's kernel) and with
-them loaded before the K loop as the accumulators' initial values (`early_bias=True`, CNRT_GEGLU_EARLY_BIAS), and
-the two results' largest difference, summed over one step's calls.
+`--early-bias`: per shape, the best TMA tile with the biases added in the epilogue (the step's kernel until the
+nineteenth session) and with them loaded before the K loop as the accumulators' initial values (`early_bias=True`,
+CNRT_GEGLU_EARLY_BIAS, now the default), and the two results' largest difference, summed over one step's calls.
 `--maxnreg`: per shape, the best of the step's tiles against the best of tiles with fewer stages and a register cap
 (`MAXNREG_TILES`), so that three programs fit an SM instead of two (the cap makes the compiler spill), and the two
 results' largest difference.
