@@ -160,7 +160,7 @@ if triton is not None:
     _geglu_tma_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_tma_blocks)
                  for bm, bn, w, st in TMA_TILES],
-        key=["M", "N_OUT", "K", "W_KN", "PREFIX"],
+        key=["M", "N_OUT", "K", "W_KN", "PREFIX", "EARLY_BIAS"],
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
             c for c in configs if nargs["N_OUT"] % c.kwargs["BLOCK_N"] == 0]})(_geglu_tma_kernel)
 
