@@ -7,6 +7,12 @@ back. This reads an Inductor cache directory (`TORCHINDUCTOR_CACHE_DIR`; `python
 --inductor-code FILE` points one at a fresh directory and runs this at the end) and writes, per generated module,
 every launch of its `call` in order with the source nodes it fuses, and marks the Triton kernels that only move
 data (no arithmetic, at most two loads): the first place to look for a copy to remove.
+
+`--sequence FILE` (a profiled loop from `bench.profile_step --sequence-out`) joins one step's Inductor kernels with
+the bytes Inductor estimated for each (`kernel_num_gb`, which it records when it compiles with
+TORCHINDUCTOR_BENCHMARK_KERNEL=1; `profile_step --inductor-code` sets it) and lists them by how far their time on
+the step's critical path exceeds those bytes at `--bandwidth`: the kernels whose cost is not their traffic (index
+arithmetic, too few programs, a bad split), as the twentieth session found for the group norms' statistics.
 """
 
 from __future__ import annotations
@@ -76,6 +82,77 @@ def launches(code: str) -> list[Launch]:
     return found
 
 
+def kernel_bytes(code: str) -> dict[str, float]:
+    """name -> bytes Inductor estimated for each kernel of a generated module that records them (kernel_num_gb;
+    an estimate of 0, which Inductor gives where it could not size a buffer, is left out)."""
+    found = {}
+    for m in re.finditer(r"'kernel_name': '(\w+)'[^\n]*?'kernel_num_gb': ([0-9.eE+-]+)", code):
+        if float(m.group(2)) > 0:
+            found[m.group(1)] = float(m.group(2)) * 1e9
+    return found
+
+
+@dataclass
+class Kernel:
+    """One line of a profiled sequence: start and duration (us), idle gap before it, name."""
+
+    start: float
+    duration: float
+    name: str
+
+
+def read_sequence(text: str) -> list[Kernel]:
+    rows = []
+    for line in text.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) == 4:
+            rows.append(Kernel(float(parts[0]), float(parts[1]), parts[3].strip()))
+    return rows
+
+
+def split_steps(rows: list[Kernel], steps: int) -> list[list[Kernel]]:
+    """The loop's kernels cut into its steps, at each launch of the first kernel that is not a copy or a memset."""
+    marker = next(r.name for r in rows if not r.name.startswith(("Memcpy", "Memset")))
+    starts = [i for i, r in enumerate(rows) if r.name == marker]
+    if len(starts) != steps:
+        raise ValueError(f"{marker!r} starts {len(starts)} stretches of the sequence, not {steps} steps")
+    return [rows[a:b] for a, b in zip(starts, starts[1:] + [len(rows)])]
+
+
+def critical_path(step: list[Kernel]) -> list[float]:
+    """Each kernel's share of the step's critical path: its end minus the latest end before it (PDL launches a
+    kernel early, so its own duration overlaps the kernel before it)."""
+    latest, shares = step[0].start if step else 0.0, []
+    for k in step:
+        end = k.start + k.duration
+        shares.append(max(0.0, end - latest))
+        latest = max(latest, end)
+    return shares
+
+
+def excess_table(step: list[Kernel], modules: list[dict[str, float]], bandwidth: float, top: int) -> str:
+    """The step's Inductor kernels by critical-path time above their bytes at `bandwidth` (bytes / s). A kernel
+    name defined by several modules is taken from the module the step is in (the last one matched)."""
+    rows, current = [], None
+    for index, (k, share) in enumerate(zip(step, critical_path(step))):
+        if not k.name.startswith("triton_"):
+            continue
+        if current is None or k.name not in current:
+            current = next((m for m in modules if k.name in m), current)
+        nbytes = current.get(k.name) if current is not None else None
+        floor = nbytes / bandwidth * 1e6 if nbytes is not None else None
+        rows.append((index, share, k.duration, nbytes, floor, k.name))
+    known = [r for r in rows if r[3] is not None]
+    lines = [f"{len(rows)} Inductor kernels a step, {sum(r[1] for r in rows):.0f} us on the critical path; "
+             f"{len(known)} with bytes: {sum(r[1] for r in known):.0f} us against {sum(r[4] for r in known):.0f} us "
+             f"at {bandwidth / 1e12:.1f} TB/s",
+             f"{'#':>4s} {'path us':>8s} {'kernel us':>9s} {'MB':>7s} {'floor us':>8s} {'excess':>7s}  name"]
+    for index, share, duration, nbytes, floor, name in sorted(known, key=lambda r: r[4] - r[1])[:top]:
+        lines.append(f"{index:4d} {share:8.1f} {duration:9.1f} {nbytes / 1e6:7.2f} {floor:8.1f} {share - floor:7.1f}  "
+                     f"{name}")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(directory: Path) -> str:
     lines = []
     modules = sorted(p for p in Path(directory).rglob("*.py")
@@ -98,11 +175,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("directory", type=Path, help="an Inductor cache directory (TORCHINDUCTOR_CACHE_DIR)")
     p.add_argument("--out", type=Path, help="write here instead of stdout")
+    p.add_argument("--sequence", type=Path, help="instead: join this profiled loop (profile_step --sequence-out) "
+                   "with the kernels' bytes")
+    p.add_argument("--steps", type=int, default=20, help="steps in the profiled loop")
+    p.add_argument("--step", type=int, default=1, help="which step to read (0-based)")
+    p.add_argument("--bandwidth", type=float, default=2.5e12, help="bytes / s a kernel's floor assumes")
+    p.add_argument("--top", type=int, default=40)
     a = p.parse_args(argv)
     if not a.directory.is_dir():
         print(f"no such directory: {a.directory}", file=sys.stderr)
         return 2
-    text = summarise(a.directory)
+    if a.sequence:
+        modules = [kernel_bytes(path.read_text(errors="replace")) for path in sorted(a.directory.rglob("*.py"))]
+        step = split_steps(read_sequence(a.sequence.read_text()), a.steps)[a.step]
+        text = excess_table(step, [m for m in modules if m], a.bandwidth, a.top)
+    else:
+        text = summarise(a.directory)
     if a.out:
         a.out.write_text(text)
     else:

@@ -22,6 +22,7 @@ from bench.timing import time_cuda, time_wall
 from engines.torch_fast.conv_tuning import graph_time_us
 from pipeline.runtime import Canny2ImageRuntime, RuntimeConfig
 
+STEPS = 20  # DDIM steps of the profiled loop
 PROMPT = ("a bird", "best quality, extremely detailed", "longbody, lowres, bad anatomy, bad hands, missing fingers")
 
 
@@ -102,15 +103,18 @@ def main(argv=None) -> int:
                    help="write the profiled loop's kernels in launch order (start, duration, gap before, name)")
     p.add_argument("--inductor-code", default=None,
                    help="compile into a fresh Inductor cache directory and write a summary of the generated code "
-                        "(bench/inductor_code.py: every launch in order, copies marked) to this file")
+                        "(bench/inductor_code.py: every launch in order, copies marked; with --sequence-out, first "
+                        "the second step's Inductor kernels against their bytes) to this file")
     a = p.parse_args(argv)
     if a.inductor_code:  # read lazily by Inductor: set before anything compiles
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnrt-inductor-")
+        import torch._inductor.config as inductor_config
+        inductor_config.benchmark_kernel = True  # each kernel's estimated bytes in its source (kernel_num_gb)
     import numpy as np
 
     rt = Canny2ImageRuntime(RuntimeConfig(weights=a.weights, backend="torch", compile_mode=a.compile_mode))
     image = np.random.default_rng(0).integers(0, 255, (256, 384, 3), dtype=np.uint8)
-    args = (image, *PROMPT, 1, 256, 20, False, 1, 9, 1, 0.0, 100, 200)
+    args = (image, *PROMPT, 1, 256, STEPS, False, 1, 9, 1, 0.0, 100, 200)
     rt.process(*args)
     x = torch.randn(rt.profile.latent_shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     print_latent_check(rt, x)
@@ -201,7 +205,14 @@ def main(argv=None) -> int:
     for words, us in fused.most_common(15):
         print(f"  {us / 1e3:7.2f} ms  {fused_n[words]:5d} launches  {words[:100]}")
     if a.inductor_code:
-        Path(a.inductor_code).write_text(inductor_code.summarise(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])))
+        cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        text = inductor_code.summarise(cache)
+        if a.sequence_out:  # and the step's Inductor kernels against their bytes
+            modules = [m for m in (inductor_code.kernel_bytes(p.read_text(errors="replace"))
+                                   for p in sorted(cache.rglob("*.py"))) if m]
+            steps = inductor_code.split_steps(inductor_code.read_sequence(Path(a.sequence_out).read_text()), STEPS)
+            text = inductor_code.excess_table(steps[1], modules, 2.5e12, 40) + "\n" + text
+        Path(a.inductor_code).write_text(text)
     return 0
 
 

@@ -1,5 +1,7 @@
-"""bench/inductor_code.py: the launch list of Inductor's generated modules, copies marked."""
+"""bench/inductor_code.py: the launch list of Inductor's generated modules, copies marked; and a profiled step's
+Inductor kernels against the bytes Inductor estimated for them."""
 
+import pytest
 import torch
 
 from bench import inductor_code
@@ -76,3 +78,56 @@ def test_reads_a_real_generated_module(tmp_path, monkeypatch):
     assert "extern_kernels.mm" in text, text
     assert "cpp_fused" in text, text
     assert inductor_code.main([str(tmp_path / "missing")]) == 2
+
+
+_WITH_BYTES = """
+triton_red_fused_var_mean_0 = async_compile.triton('triton_red_fused_var_mean_0', '''
+@triton_heuristics.reduction(
+    inductor_meta={'grid_type': 'Grid1D', 'kernel_name': 'triton_red_fused_var_mean_0', 'num_load': 1, 'kernel_num_gb': 0.004},
+)
+''', device_str='cuda')
+triton_poi_fused_add_1 = async_compile.triton('triton_poi_fused_add_1', '''
+    inductor_meta={'kernel_name': 'triton_poi_fused_add_1', 'kernel_num_gb': 0.001},
+''', device_str='cuda')
+triton_poi_fused_cat_2 = async_compile.triton('triton_poi_fused_cat_2', '''
+    inductor_meta={'kernel_name': 'triton_poi_fused_cat_2', 'kernel_num_gb': 0.0},
+''', device_str='cuda')
+"""
+
+# two steps of a profiled loop: start, duration, gap, name (as profile_step --sequence-out writes them)
+_SEQUENCE = """\
+       0.0     1.0    0.0  Memcpy DtoD (Device -> Device)
+      10.0     2.0    9.0  triton_poi_fused_add_1
+      11.0    12.0    0.0  triton_red_fused_var_mean_0
+      23.5     5.0    0.5  nvjet_sm90_gemm
+      28.0     3.0    0.0  triton_poi_fused_cat_2
+      40.0     2.0    9.0  triton_poi_fused_add_1
+      41.0     4.0    0.0  triton_red_fused_var_mean_0
+      45.0     1.0    0.0  triton_poi_fused_cat_2
+"""
+
+
+def test_kernel_bytes_skips_kernels_without_an_estimate():
+    assert inductor_code.kernel_bytes(_WITH_BYTES) == {"triton_red_fused_var_mean_0": 4e6,
+                                                       "triton_poi_fused_add_1": 1e6}
+
+
+def test_steps_and_critical_path():
+    steps = inductor_code.split_steps(inductor_code.read_sequence(_SEQUENCE), 2)
+    assert [len(s) for s in steps] == [4, 3]  # the leading copy belongs to no step
+    # each kernel is charged from the latest end before it to its own end (PDL overlap counts once)
+    assert inductor_code.critical_path(steps[0]) == [2.0, 11.0, 5.5, 2.5]
+    with pytest.raises(ValueError, match="not 3 steps"):
+        inductor_code.split_steps(inductor_code.read_sequence(_SEQUENCE), 3)
+
+
+def test_excess_table_orders_kernels_by_time_above_their_bytes():
+    step = inductor_code.split_steps(inductor_code.read_sequence(_SEQUENCE), 2)[0]
+    table = inductor_code.excess_table(step, [inductor_code.kernel_bytes(_WITH_BYTES)], 1e12, 10)
+    lines = table.splitlines()
+    assert lines[0].startswith("3 Inductor kernels a step, 16 us on the critical path; 2 with bytes: 13 us "
+                               "against 5 us")
+    # the reduction: 11 us on the path against 4 us of bytes at 1 TB/s; the add: 2 against 1
+    assert lines[2].split()[:6] == ["1", "11.0", "12.0", "4.00", "4.0", "7.0"]
+    assert lines[3].split()[0] == "0" and lines[3].split()[-1] == "triton_poi_fused_add_1"
+    assert len(lines) == 4  # the cat has no estimate, the GEMM is not Inductor's
