@@ -6,9 +6,9 @@ Why: torch runs each GEMM on the first algorithm of cuBLASLt's heuristic, and it
 on the libcublasLt torch has loaded: no extra package), checks each one's result against fp32, and times torch's own
 call and every algorithm as the conv tuner times (CUDA graph over rotating copies, weights streamed from DRAM).
 
-Measured (H100, twentieth session): the heuristic returns 8 algorithms per shape, and the best of them beats torch's
-call by 10 us a step over the 21 shapes (0.19 ms a loop); several shapes are slower on every other algorithm. So an
-algorithm search is not a lever for this step.
+Measured (H100, twentieth session, two runs): the heuristic returns 8 algorithms per shape, and the best of them
+beats torch's call by 6-10 us a step over the 21 shapes (0.12-0.19 ms a loop); several shapes are slower on every
+other algorithm. So an algorithm search is not a lever for this step.
 
 Row-major products are posed in cuBLAS's column-major terms as D^T = op(A) B (`column_major_problem`):
 nn.Linear y (M, N) = x (M, K) W^T with W (N, K), and the twin's batched y (G, M, N) = x (G, M, K) W (G, K, N).
