@@ -153,6 +153,15 @@ def excess_table(step: list[Kernel], modules: list[dict[str, float]], bandwidth:
     return "\n".join(lines) + "\n"
 
 
+def sequence_table(directory: Path, sequence: str, steps: int, step: int = 1, bandwidth: float = 2.5e12,
+                   top: int = 40) -> str:
+    """`excess_table` for step `step` of a profiled loop of `steps` steps (the text profile_step --sequence-out
+    writes) against the kernels' bytes in the generated modules under `directory`."""
+    modules = [m for m in (kernel_bytes(path.read_text(errors="replace")) for path in sorted(directory.rglob("*.py")))
+               if m]
+    return excess_table(split_steps(read_sequence(sequence), steps)[step], modules, bandwidth, top)
+
+
 def summarise(directory: Path) -> str:
     lines = []
     modules = sorted(p for p in Path(directory).rglob("*.py")
@@ -186,9 +195,7 @@ def main(argv=None) -> int:
         print(f"no such directory: {a.directory}", file=sys.stderr)
         return 2
     if a.sequence:
-        modules = [kernel_bytes(path.read_text(errors="replace")) for path in sorted(a.directory.rglob("*.py"))]
-        step = split_steps(read_sequence(a.sequence.read_text()), a.steps)[a.step]
-        text = excess_table(step, [m for m in modules if m], a.bandwidth, a.top)
+        text = sequence_table(a.directory, a.sequence.read_text(), a.steps, a.step, a.bandwidth, a.top)
     else:
         text = summarise(a.directory)
     if a.out:

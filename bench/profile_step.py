@@ -207,13 +207,9 @@ def main(argv=None) -> int:
     if a.inductor_code:
         cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
         text = inductor_code.summarise(cache)
-        if a.sequence_out:  # and the step's Inductor kernels against their bytes
-            modules = [m for m in (inductor_code.kernel_bytes(path.read_text(errors="replace"))
-                                   for path in sorted(cache.rglob("*.py"))) if m]
+        if a.sequence_out:  # and the second step's Inductor kernels against their bytes
             try:
-                steps = inductor_code.split_steps(inductor_code.read_sequence(Path(a.sequence_out).read_text()),
-                                                  STEPS)
-                text = inductor_code.excess_table(steps[1], modules, 2.5e12, 40) + "\n" + text
+                text = inductor_code.sequence_table(cache, Path(a.sequence_out).read_text(), STEPS) + "\n" + text
             except ValueError as e:  # the sequence did not cut into the loop's steps: keep the launch lists
                 text = f"(no join with the sequence: {e})\n\n" + text
         Path(a.inductor_code).write_text(text)
