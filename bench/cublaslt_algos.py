@@ -21,9 +21,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from bench.linear_kernels import LEVELS
+from bench.linear_kernels import LEVELS, cublas_call, weight_copies
 from engines.torch_fast.conv_tuning import graph_time_us
 
 # (GEMM, K / C, N / C, bias, accumulate into the output, calls a transformer): the step's shapes since the folds
@@ -171,7 +170,7 @@ class Matmul:
 def time_shape(lt: CublasLt, groups: int, m: int, k: int, n: int, bias: bool, accumulate: bool) -> dict:
     """torch's call and the best checked algorithm, us a call; plus how many algorithms were offered / rejected."""
     dev, dt = torch.device("cuda"), torch.half
-    copies = int(min(24, max(3, 2 * 50e6 // (groups * k * n * 2) + 1)))  # enough that the weights leave L2
+    copies = weight_copies(groups * k * n * 2)  # enough that the weights leave L2
     gen = torch.Generator(device=dev).manual_seed(0)
     lead = () if groups == 1 else (groups,)
     xs = [torch.randn(*lead, m, k, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
@@ -180,16 +179,10 @@ def time_shape(lt: CublasLt, groups: int, m: int, k: int, n: int, bias: bool, ac
     bs = [torch.randn(n, device=dev, dtype=dt, generator=gen) if bias else None for _ in range(copies)]
     ys = [torch.randn(*lead, m, n, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
 
-    def torch_call(i):
-        x, w, b, y = xs[i], ws[i], bs[i], ys[i]
-        if groups == 1:
-            return (lambda: torch.addmm(y, x, w.t(), out=y)) if accumulate else (lambda: F.linear(x, w, b))
-        return (lambda: torch.baddbmm(y, x, w, out=y)) if accumulate else (lambda: torch.bmm(x, w))
-
     y0 = ys[0].clone()
     product = xs[0].float() @ (ws[0].float().t() if groups == 1 else ws[0].float())
     ref = product + (y0.float() if accumulate else 0) + (bs[0].float() if bias else 0)
-    base = graph_time_us(torch_call, copies)
+    base = graph_time_us(lambda i: cublas_call(groups, accumulate, xs[i], ws[i], bs[i], ys[i]), copies)
     mm = Matmul(lt, groups, m, k, n, bias, accumulate)
     best, rejected = float("inf"), 0
     for algo in mm.algos:

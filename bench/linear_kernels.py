@@ -29,13 +29,22 @@ OPS = [("proj_in/out1/out2", 1, 1, True, False, 3), ("q2", 1, 1, False, False, 1
 L2_BYTES = 50e6
 
 
-def _copies(weight_bytes: int) -> int:
+def weight_copies(weight_bytes: int) -> int:
+    """Rotating argument sets for a timing: enough that a GEMM's weights come from DRAM, as in the step."""
     return int(min(24, max(3, 2 * L2_BYTES // weight_bytes + 1)))
+
+
+def cublas_call(groups: int, accumulate: bool, x, w, b, c):
+    """The call the step makes for one of these GEMMs: F.linear (or addmm into c) for an nn.Linear weight (N, K),
+    bmm (or baddbmm into c) for the twin's stacked (G, K, N) weights, whose biases the consumer adds."""
+    if groups == 1:
+        return (lambda: torch.addmm(c, x, w.t(), out=c)) if accumulate else (lambda: F.linear(x, w, b))
+    return (lambda: torch.baddbmm(c, x, w, out=c)) if accumulate else (lambda: torch.bmm(x, w))
 
 
 def time_shape(groups: int, m: int, k: int, n: int, bias: bool, acc: bool, log, cublas_only: bool = False) -> dict:
     dev, dt = torch.device("cuda"), torch.half
-    copies = _copies(groups * k * n * 2)
+    copies = weight_copies(groups * k * n * 2)
     gen = torch.Generator(device=dev).manual_seed(0)
     if groups == 1:
         xs = [torch.randn(m, k, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
@@ -48,17 +57,8 @@ def time_shape(groups: int, m: int, k: int, n: int, bias: bool, acc: bool, log, 
     cs = [torch.randn(*xs[0].shape[:-1], n, device=dev, dtype=dt, generator=gen) if acc else None
           for _ in range(copies)]
 
-    def cublas(i):
-        x, w, b, c = xs[i], ws[i], bs[i], cs[i]
-        if groups == 1:
-            if acc:
-                return lambda: torch.addmm(c, x, w.t(), out=c)
-            return lambda: F.linear(x, w, b)
-        if acc:
-            return lambda: torch.baddbmm(c, x, w, out=c)
-        return lambda: torch.bmm(x, w)  # the step adds the bias in the consumer's kernel
-
-    base = graph_time_us(cublas, copies)  # (accumulating: this grows cs, so the reference comes after it)
+    # (accumulating: this grows cs, so the reference comes after it)
+    base = graph_time_us(lambda i: cublas_call(groups, acc, xs[i], ws[i], bs[i], cs[i]), copies)
     ref = tli.reference(xs[0].float(), ws[0].float(), None if bs[0] is None else bs[0].float(),
                         None if cs[0] is None else cs[0].float())
     best, best_cfg, best_kernel = float("inf"), None, float("inf")
