@@ -74,6 +74,14 @@ def _attention_triton(dev):
     return lambda: ta.attention(q, k, v)
 
 
+def _attention_gluon(dev):
+    """The same attention on the Gluon kernel (`engines/torch_fast/gluon_attention.py`, its default config)."""
+    from engines.torch_fast import gluon_attention as ga
+
+    q, k, v = _qkv(dev, 2)
+    return lambda: ga.attention(q, k, v)
+
+
 def _attention_cudnn(dev):
     """The same attention on cuDNN, as the step runs it."""
     q, k, v = _qkv(dev, 2)
@@ -112,6 +120,7 @@ KERNELS = {
     "geglu": (_geglu, "_geglu_tma_kernel"),
     "gluon-geglu": (_gluon_geglu, "_geglu_ws_kernel"),
     "attention-triton": (_attention_triton, "_attention_kernel"),
+    "attention-gluon": (_attention_gluon, "_attention_kernel"),
     "attention-cudnn": (_attention_cudnn, "sdpa"),
     "gemm-8x12": (_gemm_8x12, "nvjet|gemm"),
     "conv-8x12": (_conv_8x12, "_conv_tma_kernel"),

@@ -26,7 +26,7 @@ from engines.torch_fast import pdl
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 15  # 15: folded cross-attention inputs (A, B) and the ff2 + proj_out fold
+PARTS_VERSION = 16  # 16: the 32x48 batch-2 self-attentions on the Gluon kernel (gluon_attention)
 
 
 JIT_CACHE = "inductor_cache.bin"

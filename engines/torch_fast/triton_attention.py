@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engines.torch_fast import pdl
+from engines.torch_fast import gluon_attention, pdl
 from profiles.config import env_flag
 
 try:
@@ -155,9 +155,12 @@ def preferred(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v), through this kernel where `preferred` says it is faster."""
+    """F.scaled_dot_product_attention(q, k, v), through this kernel where `preferred` says it is faster, else
+    through the Gluon kernel where `gluon_attention.preferred` (opt-in), else cuDNN SDPA."""
     if preferred(q, k):
         return torch.ops.cnrt.triton_attention(q, k, v)
+    if gluon_attention.preferred(q, k, v):
+        return torch.ops.cnrt.gluon_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
