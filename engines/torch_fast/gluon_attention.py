@@ -7,8 +7,8 @@ special-function work (its exp2) as tensor-core work, and Triton waits for each 
 Gluon gives the kernel its own schedule:
 - a producer warp streams K and V by TMA through a ring of STAGES shared-memory stages, each stage released by
   every consumer once its P V has read it; Q is loaded once;
-- CONSUMERS warpgroups each own 64 query rows of one (image, head), 192 rows a CTA by default, so that batch 2 is
-  one wave of 128 CTAs on 132 SMs;
+- three consumer warpgroups each own 64 query rows of one (image, head), 192 rows a CTA, so that batch 2 is one
+  wave of 128 CTAs on 132 SMs;
 - with PINGPONG the consumers take turns issuing their products (named barriers 8-10, FA3's scheme), so one's
   softmax runs while the others' products do.
 The head is padded to 64 by the copy engine: the descriptors see q, k and v as (rows, heads, d) tensors with
@@ -54,13 +54,13 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon
 
 BLOCK_D = 64  # the head padded to the MMA's width; the copy engine fills the columns past d with zeros
 PRODUCER_REGS = 40  # registers a thread of the producer's warpgroup keeps (setmaxnreg); the consumers get the rest
-# (CONSUMERS, BLOCK_N, STAGES, PINGPONG, P_REGS): consumer warpgroups a CTA (64 query rows each), keys a block, K/V
-# stages, whether the consumers take turns issuing their products (FA3's ping-pong), and P in registers (each
-# product waited for at once) instead of through shared memory (the softmax overlapping the previous P V).
-# CNRT_GLUON_ATTENTION_CONFIG overrides the default (A/B measurements); CONFIGS are what the bench times.
-DEFAULT_CONFIG = tuple(int(v) for v in os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "3,128,2,1,1").split(","))
-CONFIGS = ((3, 64, 4, 1, 0), (3, 64, 4, 1, 1), (3, 64, 4, 0, 1), (2, 64, 4, 1, 1), (3, 128, 2, 1, 1),
-           (2, 128, 3, 1, 1))
+CONSUMERS = 3  # consumer warpgroups a CTA, 64 query rows each: 192 rows, so that batch 2 is one wave of 128 CTAs
+# (BLOCK_N, STAGES, PINGPONG, P_REGS): keys a block, K/V stages, whether the consumers take turns issuing their
+# products (FA3's ping-pong), and P in registers (each product waited for at once) instead of through shared memory
+# (the softmax overlapping the previous P V). CNRT_GLUON_ATTENTION_CONFIG overrides the default (A/B measurements);
+# CONFIGS are what the bench times.
+DEFAULT_CONFIG = tuple(int(v) for v in os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "128,2,1,1").split(","))
+CONFIGS = ((128, 2, 1, 1), (64, 4, 1, 1), (64, 4, 0, 1), (64, 4, 1, 0))
 
 
 # On by default (0: cuDNN SDPA, as before the twenty-first session): the self-attentions above triton_attention's
@@ -70,12 +70,12 @@ ENABLED = env_flag("CNRT_GLUON_ATTENTION", True)
 MAX_ROWS = int(float(os.environ.get("CNRT_GLUON_ATTENTION_MAX_ROWS", 2 * 8 * 1536)))
 
 
-def registers(consumers: int) -> "tuple[int, int]":
+def registers() -> "tuple[int, int]":
     """(registers a thread at launch, a consumer's) so that the consumers' warpgroups and the producer's fit the
     SM's 64K registers; setmaxnreg counts are multiples of 8."""
-    groups = consumers + 1
+    groups = CONSUMERS + 1
     at_launch = 65536 // (groups * 128) // 8 * 8
-    return at_launch, (at_launch * groups - PRODUCER_REGS) // consumers // 8 * 8
+    return at_launch, (at_launch * groups - PRODUCER_REGS) // CONSUMERS // 8 * 8
 
 
 def available() -> bool:
@@ -86,12 +86,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
     """Whether `attention` takes these (B, H, T, d) inputs: fp16 on a Hopper GPU, d <= 64 and a multiple of 8,
     T a multiple of the blocks, and each of q, k, v a (B*T, H, d) view (rows of consecutive images follow each
     other) with 16-byte strides, as the step's head-split views of its fused Q/K/V product are."""
-    block_m, block_n = 64 * config[0], config[1]
+    block_m, block_n = 64 * CONSUMERS, config[0]
     if gluon is None or not q.is_cuda or q.dtype != torch.float16 or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     b, h, tq, d = q.shape
     tk = k.shape[2]
-    if d > BLOCK_D or d % 8 or tq % block_m or tk % block_n or tk < 2 * block_n or config[2] < 2:
+    if d > BLOCK_D or d % 8 or tq % block_m or tk % block_n or tk < 2 * block_n or config[1] < 2:
         return False
     return all(_rows_view(t, aligned=False) is not None for t in (q, k))
 
@@ -161,25 +161,14 @@ if gluon is not None:
         fence_async_shared()
         gl.thread_barrier()
 
+    @triton.constexpr_function
+    def _barrier_asm(arrive, barrier_id):
+        return f"bar.{'arrive' if arrive else 'sync'} {barrier_id}, 256; // $0"
+
     @gluon.jit
     def _named_barrier(ID: gl.constexpr, ARRIVE: gl.constexpr):
         """bar.sync / bar.arrive on named barrier ID for two warpgroups (256 threads): the consumers' turns."""
-        if ARRIVE:
-            if ID == 8:
-                gl.inline_asm_elementwise("bar.arrive 8, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            elif ID == 9:
-                gl.inline_asm_elementwise("bar.arrive 9, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            else:
-                gl.inline_asm_elementwise("bar.arrive 10, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                          pack=1)
-        else:
-            if ID == 8:
-                gl.inline_asm_elementwise("bar.sync 8, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            elif ID == 9:
-                gl.inline_asm_elementwise("bar.sync 9, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            else:
-                gl.inline_asm_elementwise("bar.sync 10, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                          pack=1)
+        gl.inline_asm_elementwise(_barrier_asm(ARRIVE, ID), "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _my_turn(WHICH: gl.constexpr, PINGPONG: gl.constexpr):
@@ -341,27 +330,19 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=CONSUMERS)
 
         kv_row0 = b * TK
-        # the argument lists are spelled out: warp_specialize takes its partitions' functions and tuples inline
-        if CONSUMERS == 2:
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ,
-                             n_blocks, qk_scale, 0, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ,
-                             n_blocks, qk_scale, 1, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, ready, empty, row0, kv_row0, head,
-                             n_blocks, BLOCK_N, STAGES, CONSUMERS, PDL)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ,
-                             n_blocks, qk_scale, 0, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ,
-                             n_blocks, qk_scale, 1, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ,
-                             n_blocks, qk_scale, 2, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, ready, empty, row0, kv_row0, head,
-                             n_blocks, BLOCK_N, STAGES, CONSUMERS, PDL)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        # three consumers (two measured slower: 39.5 against 25.7 us at batch 2, as 1.5 waves); warp_specialize takes
+        # its partitions' functions and argument tuples inline
+        gl.static_assert(CONSUMERS == 3)
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
+                         qk_scale, 0, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
+                         qk_scale, 1, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
+                         qk_scale, 2, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, ready, empty, row0, kv_row0, head,
+                         n_blocks, BLOCK_N, STAGES, CONSUMERS, PDL)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
@@ -374,18 +355,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None) ->
     """softmax(q k^T / sqrt(d)) v for q (B, H, TQ, d), k and v (B, H, TK, d) that `supports` takes; the output
     is (B, H, TQ, d) laid out as (B, TQ, H, d), as `triton_attention.attention`'s."""
     config = config or DEFAULT_CONFIG
-    consumers, block_n, stages, pingpong, p_regs = config
+    block_n, stages, pingpong, p_regs = config
     if not supports(q, k, config) or _rows_view(v) is None or k.shape != v.shape:
         raise ValueError(f"gluon attention does not take q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} "
                          f"{k.stride()}, v {tuple(v.shape)} {v.stride()} with config {config}")
     b, h, tq, d = q.shape
-    block_m = 64 * consumers
-    at_launch, consumer_regs = registers(consumers)
+    block_m = 64 * CONSUMERS
+    at_launch, consumer_regs = registers()
     out = torch.empty(b, tq, h, d, device=q.device, dtype=q.dtype)
     use_pdl = pdl.enabled(q.device)
     _attention_kernel[(tq // block_m, b * h)](
         _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), out, h, tq, k.shape[2],
-        1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=consumers,
+        1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=CONSUMERS,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs), PDL=use_pdl, num_warps=4, maxnreg=at_launch,
         **({"launch_pdl": True} if use_pdl else {}))
     return out.transpose(1, 2)
