@@ -60,7 +60,7 @@ CONSUMERS = 3  # consumer warpgroups a CTA, 64 query rows each: 192 rows, so tha
 # (the softmax overlapping the previous P V). CNRT_GLUON_ATTENTION_CONFIG overrides the default (A/B measurements);
 # CONFIGS are what the bench times.
 DEFAULT_CONFIG = tuple(int(v) for v in os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "128,2,1,1").split(","))
-CONFIGS = ((128, 2, 1, 1), (64, 4, 1, 1), (64, 4, 0, 1), (64, 4, 1, 0))
+CONFIGS = ((128, 2, 1, 1), (128, 3, 1, 1), (128, 2, 0, 1), (64, 4, 1, 1), (64, 4, 0, 1), (64, 4, 1, 0))
 
 
 # On by default (0: cuDNN SDPA, as before the twenty-first session): the self-attentions above triton_attention's
