@@ -114,3 +114,18 @@ def test_sdpa_routes_the_32x48_self_attention_when_switched_on(monkeypatch):
     got = torch.compile(block, fullgraph=True)(x, w)
     q, k, v = (t.reshape(2, 1536, 8, 40).transpose(1, 2) for t in (x @ w).chunk(3, dim=-1))
     assert (got.float() - F.scaled_dot_product_attention(q.float(), k.float(), v.float())).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("value,ok", [("128,2,0,1", True), ("1,2", False), ("96,2,1,1", False), ("128,1,1,1", False)])
+def test_config_switch_is_checked(value, ok):
+    """CNRT_GLUON_ATTENTION_CONFIG is read at import: a good value becomes the default, a bad one fails clearly."""
+    import sys
+
+    env = dict(os.environ, CNRT_GLUON_ATTENTION_CONFIG=value)
+    code = "import engines.torch_fast.gluon_attention as g; print(g.DEFAULT_CONFIG)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if ok:
+        assert done.returncode == 0 and done.stdout.strip() == str(tuple(int(v) for v in value.split(",")))
+    else:
+        assert done.returncode != 0 and "CNRT_GLUON_ATTENTION_CONFIG" in done.stderr

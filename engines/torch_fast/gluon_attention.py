@@ -10,7 +10,8 @@ Gluon gives the kernel its own schedule:
 - three consumer warpgroups each own 64 query rows of one (image, head), 192 rows a CTA, so that batch 2 is one
   wave of 128 CTAs on 132 SMs;
 - with PINGPONG the consumers take turns issuing their products (named barriers 8-10, FA3's scheme), so one's
-  softmax runs while the others' products do.
+  softmax runs while the others' products do. (Measured after the loop's A/B: without the turns, 128-key blocks
+  take 23.5 us at batch 2 and 48.3 at batch 4 against 25.6 / 52.5 with them; the next A/B in bench/NOTES.md.)
 The head is padded to 64 by the copy engine: the descriptors see q, k and v as (rows, heads, d) tensors with
 64-wide boxes, so the columns past d load as zeros and add nothing. The output goes out as 16-byte vectors (with
 2-byte stores, 12% of the kernel's stall samples were its store; ncu source counters).
@@ -59,7 +60,23 @@ CONSUMERS = 3  # consumer warpgroups a CTA, 64 query rows each: 192 rows, so tha
 # products (FA3's ping-pong), and P in registers (each product waited for at once) instead of through shared memory
 # (the softmax overlapping the previous P V). CNRT_GLUON_ATTENTION_CONFIG overrides the default (A/B measurements);
 # CONFIGS are what the bench times.
-DEFAULT_CONFIG = tuple(int(v) for v in os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "128,2,1,1").split(","))
+
+
+def _config_from_env() -> "tuple[int, int, int, int]":
+    """The default config, or CNRT_GLUON_ATTENTION_CONFIG's 'block_n,stages,pingpong,p_regs'."""
+    value = os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "").strip()
+    if not value:
+        return 128, 2, 1, 1
+    try:
+        block_n, stages, pingpong, p_regs = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"CNRT_GLUON_ATTENTION_CONFIG must be 'block_n,stages,pingpong,p_regs', got {value!r}")
+    if block_n not in (64, 128) or stages < 2 or pingpong not in (0, 1) or p_regs not in (0, 1):
+        raise ValueError(f"CNRT_GLUON_ATTENTION_CONFIG {value!r}: block_n 64 or 128, stages >= 2, flags 0 or 1")
+    return block_n, stages, pingpong, p_regs
+
+
+DEFAULT_CONFIG = _config_from_env()
 CONFIGS = ((128, 2, 1, 1), (128, 3, 1, 1), (128, 2, 0, 1), (64, 4, 1, 1), (64, 4, 0, 1), (64, 4, 1, 0))
 
 
@@ -87,7 +104,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
     T a multiple of the blocks, and each of q, k, v a (B*T, H, d) view (rows of consecutive images follow each
     other) with 16-byte strides, as the step's head-split views of its fused Q/K/V product are."""
     block_m, block_n = 64 * CONSUMERS, config[0]
-    if gluon is None or not q.is_cuda or q.dtype != torch.float16 or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if gluon is None or not q.is_cuda or q.dtype != torch.float16:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma and setmaxnreg: Hopper only
         return False
     b, h, tq, d = q.shape
     tk = k.shape[2]
@@ -367,8 +386,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None) ->
     _attention_kernel[(tq // block_m, b * h)](
         _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), out, h, tq, k.shape[2],
         1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=CONSUMERS,
-        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs), PDL=use_pdl, num_warps=4, maxnreg=at_launch,
-        **({"launch_pdl": True} if use_pdl else {}))
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs),
+        PDL=use_pdl, num_warps=4, maxnreg=at_launch, **({"launch_pdl": True} if use_pdl else {}))
     return out.transpose(1, 2)
 
 if gluon is not None:
