@@ -231,7 +231,7 @@ if gluon is not None:
             _my_turn(WHICH, PINGPONG)
             s_tok = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p_bufs.index(2 * WHICH + (j - 1) % 2), v, acc, is_async=True)
-            if WHICH != CONSUMERS - 1 or j < n_blocks - 1:  # consumer 0 has no turn after its last block
+            if WHICH != CONSUMERS - 1 or j < n_blocks - 1:  # the last pass would open a turn consumer 0 never takes
                 _pass_turn(WHICH, CONSUMERS, PINGPONG)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale)
@@ -271,7 +271,7 @@ if gluon is not None:
             v = v_bufs.index(stage)._reinterpret(gl.float16, [BLOCK_N, BLOCK_D], tile_layout)
             _my_turn(WHICH, PINGPONG)
             acc_tok = warpgroup_mma(p16, v, acc, is_async=True)
-            if WHICH != CONSUMERS - 1 or j < n_blocks - 1:  # consumer 0 has no turn after its last block
+            if WHICH != CONSUMERS - 1 or j < n_blocks - 1:  # the last pass would open a turn consumer 0 never takes
                 _pass_turn(WHICH, CONSUMERS, PINGPONG)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
             mbarrier.arrive(empty.index(stage), count=1)  # block j's K and V are read
