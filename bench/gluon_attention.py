@@ -1,8 +1,8 @@
 """`python3 -m bench.gluon_attention`: the 32x48 self-attentions on cuDNN, our Triton kernel and the Gluon kernel.
 
-Why: those five calls are the largest attention cost of a step and stay on cuDNN SDPA (bench/NOTES.md), whose
-kernel and the Triton one both leave the tensor cores idle during the softmax at d = 40. The Gluon kernel
-(`engines/torch_fast/gluon_attention.py`) overlaps the two. This times each on the step's inputs (head-split views
+Why: those five calls are the largest attention cost of a step (bench/NOTES.md). At d = 40 the Triton kernel
+leaves the tensor cores idle during the softmax; the Gluon kernel (`engines/torch_fast/gluon_attention.py`) gives
+the softmax and the products separate warpgroups. This times each on the step's inputs (head-split views
 of one fused Q/K/V product, as `twin.py` and `parts.py` make them), in CUDA graphs, and checks each against the
 fp32 reference; the Gluon kernel for each of its configs, and whether two of its runs give the same bytes.
 """
@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.torch_fast import gluon_attention, triton_attention
 from engines.torch_fast.conv_tuning import graph_time_us
+from engines.torch_fast.parts import _heads
 
 HEADS = 8
 # (name, batch, tokens, head size): the twin's first block runs its self-attention at one row per network
@@ -24,12 +25,14 @@ HEADS = 8
 SHAPES = (("twin L0 b4", 4, 1536, 40), ("L0 b2", 2, 1536, 40))
 
 
-def step_inputs(batch: int, tokens: int, d: int, copies: int) -> list[tuple[torch.Tensor, ...]]:
-    """`copies` sets of (q, k, v): (B, H, T, d) views of one (B, T, 3 * H * d) product, as the step splits it."""
+def step_inputs(batch: int, tokens: int, d: int, copies: int, generator: "torch.Generator | None" = None
+                ) -> list[tuple[torch.Tensor, ...]]:
+    """`copies` sets of (q, k, v) on the GPU: (B, H, T, d) views of one (B, T, 3 * H * d) product, split by the
+    step's own helper (`parts._heads`)."""
     out = []
     for _ in range(copies):
-        qkv = torch.randn(batch, tokens, 3 * HEADS * d, device="cuda", dtype=torch.float16)
-        out.append(tuple(t.reshape(batch, tokens, HEADS, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1)))
+        qkv = torch.randn(batch, tokens, 3 * HEADS * d, device="cuda", generator=generator).half()
+        out.append(tuple(_heads(t, HEADS) for t in qkv.chunk(3, dim=-1)))
     return out
 
 

@@ -61,16 +61,18 @@ def _gluon_geglu(dev):
     return lambda: gg.geglu_ws(x, w, b)
 
 
-def _qkv(dev, batch):
-    qkv = torch.randn(batch, 1536, 3 * 320, device=dev, dtype=torch.float16)
-    return [t.reshape(batch, 1536, 8, 40).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+def _qkv(batch):
+    """One set of the 32x48 self-attention's (q, k, v) at `batch`, as `bench.gluon_attention` makes them."""
+    from bench.gluon_attention import step_inputs
+
+    return step_inputs(batch, 1536, 40, 1)[0]
 
 
 def _attention_triton(dev):
     """The decoder's 32x48 self-attention (batch 2, 8 heads of 40) on the step's Triton kernel."""
     from engines.torch_fast import triton_attention as ta
 
-    q, k, v = _qkv(dev, 2)
+    q, k, v = _qkv(2)
     return lambda: ta.attention(q, k, v)
 
 
@@ -78,13 +80,13 @@ def _attention_gluon(dev):
     """The same attention on the Gluon kernel (`engines/torch_fast/gluon_attention.py`, its default config)."""
     from engines.torch_fast import gluon_attention as ga
 
-    q, k, v = _qkv(dev, 2)
+    q, k, v = _qkv(2)
     return lambda: ga.attention(q, k, v)
 
 
 def _attention_cudnn(dev):
     """The same attention on cuDNN, as the step runs it."""
-    q, k, v = _qkv(dev, 2)
+    q, k, v = _qkv(2)
     return lambda: F.scaled_dot_product_attention(q, k, v)
 
 

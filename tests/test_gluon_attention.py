@@ -28,7 +28,7 @@ def _compiled(config):
     args = dict(q_desc=ga._descriptor(q, 64), k_desc=ga._descriptor(k, block_n), v_desc=ga._descriptor(v, block_n),
                 o_ptr=torch.empty(8, dtype=torch.float16), HEADS=h, TQ=t, TK=t, qk_scale=0.1)
     constexprs = dict(HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=ga.CONSUMERS, CONSUMER_REGS=consumer_regs,
-                      PRODUCER_REGS=ga.PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs), PDL=True,
+                      PRODUCER_REGS=ga.PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs), PDL=2,
                       num_warps=4)
     kernel = sass.compile_sm90(ga._attention_kernel, args, constexprs, num_warps=4, maxnreg=at_launch)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -61,10 +61,10 @@ def test_wgmmas_stay_asynchronous(config):
     assert overlapped, "no loop where the softmax's exp2 runs between the two wgmma waits"
 
 
-def _step_inputs(batch, tokens=1536, heads=8, d=40, seed=0):
-    g = torch.Generator("cuda").manual_seed(seed)
-    qkv = torch.randn(batch, tokens, 3 * heads * d, device="cuda", generator=g).half()
-    return tuple(t.reshape(batch, tokens, heads, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+def _step_inputs(batch, seed=0):
+    from bench.gluon_attention import step_inputs
+
+    return step_inputs(batch, 1536, 40, 1, torch.Generator("cuda").manual_seed(seed))[0]
 
 
 def _gpu_kernel():

@@ -55,7 +55,8 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon
 
 BLOCK_D = 64  # the head padded to the MMA's width; the copy engine fills the columns past d with zeros
 PRODUCER_REGS = 40  # registers a thread of the producer's warpgroup keeps (setmaxnreg); the consumers get the rest
-CONSUMERS = 3  # consumer warpgroups a CTA, 64 query rows each: 192 rows, so that batch 2 is one wave of 128 CTAs
+ROWS = 64  # query rows a consumer: one warpgroup's wgmma M (the Q descriptor's box)
+CONSUMERS = 3  # consumer warpgroups a CTA: 192 query rows, so that batch 2 is one wave of 128 CTAs
 # (BLOCK_N, STAGES, PINGPONG, P_REGS): keys a block, K/V stages, whether the consumers take turns issuing their
 # products (FA3's ping-pong), and P in registers (each product waited for at once) instead of through shared memory
 # (the softmax overlapping the previous P V). CNRT_GLUON_ATTENTION_CONFIG overrides the default (A/B measurements);
@@ -103,7 +104,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
     """Whether `attention` takes these (B, H, T, d) inputs: fp16 on a Hopper GPU, d <= 64 and a multiple of 8,
     T a multiple of the blocks, and each of q, k, v a (B*T, H, d) view (rows of consecutive images follow each
     other) with 16-byte strides, as the step's head-split views of its fused Q/K/V product are."""
-    block_m, block_n = 64 * CONSUMERS, config[0]
+    block_m, block_n = ROWS * CONSUMERS, config[0]
     if gluon is None or not q.is_cuda or q.dtype != torch.float16:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma and setmaxnreg: Hopper only
@@ -149,12 +150,17 @@ if gluon is not None:
                   n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
                   PDL: gl.constexpr):
         """One warp: the CTA's Q rows, then every key block's K and V tiles into the ring of STAGES stages, each
-        stage once all consumers have released it (its barriers start as if a use had completed)."""
+        stage once all consumers have released it (its barriers start as if a use had completed). PDL as
+        `pdl.pdl_begin`: the wait comes first (the consumers touch memory only after data this warp loaded), and
+        with PDL == 1 (trigger at the start) the next kernel may be scheduled right after it."""
         if PDL:
-            _gdc_wait()  # the consumers touch memory only after data this warp loaded
+            _gdc_wait()
+            if PDL == 1:
+                _gdc_launch_dependents()
+        rows: gl.constexpr = q_desc.block_type.shape[0]  # a consumer's (a box's rows must be a power of two)
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-        for i in gl.static_range(CONSUMERS):  # 64 rows a consumer (a box's rows must be a power of two)
-            tma.async_copy_global_to_shared(q_desc, [q_row0 + 64 * i, head, 0], q_bar, q_bufs.index(i))
+        for i in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [q_row0 + rows * i, head, 0], q_bar, q_bufs.index(i))
         for block in range(n_blocks):
             stage = block % STAGES
             mbarrier.wait(empty.index(stage), ((block // STAGES) & 1) ^ 1)
@@ -284,7 +290,7 @@ if gluon is not None:
                   P_REGS: gl.constexpr, PDL: gl.constexpr):
         """One warpgroup: 64 query rows (the CTA's WHICH-th) over all key blocks (`_loop_p_registers` or
         `_loop_p_shared`), then the normalised rows' store."""
-        rows: gl.constexpr = 64
+        rows: gl.constexpr = q_bufs.type.shape[1]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -304,7 +310,7 @@ if gluon is not None:
             acc, l_i = _loop_p_shared(q, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, n_blocks, qk_scale, s_zero, m_i,
                                       l_i, acc, WHICH, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, o_layout,
                                       tile_layout)
-        if PDL:
+        if PDL == 2:  # as `pdl.pdl_end`: the next kernel may be scheduled once the main loop is done
             _gdc_launch_dependents()
 
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
@@ -324,9 +330,9 @@ if gluon is not None:
                           PINGPONG: gl.constexpr, P_REGS: gl.constexpr, PDL: gl.constexpr,
                           num_warps: gl.constexpr):
         """One CTA: CONSUMERS x 64 query rows of one (image, head), a producer warp and CONSUMERS warpgroups."""
-        BLOCK_M: gl.constexpr = 64 * CONSUMERS
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[0] * CONSUMERS
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[2]
-        gl.static_assert(q_desc.block_type.shape[0] == 64)
+        gl.static_assert(q_desc.block_type.shape[0] == 64)  # a warpgroup's wgmma rows
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // HEADS
@@ -337,7 +343,7 @@ if gluon is not None:
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         # two P buffers a consumer for the shared-memory loop; P_REGS needs none (a token one keeps the signature)
-        p_rows: gl.constexpr = 8 if P_REGS else 64
+        p_rows: gl.constexpr = 8 if P_REGS else q_desc.block_type.shape[0]
         p_bufs = gl.allocate_shared_memory(gl.float16, [CONSUMERS * 2, p_rows, BLOCK_N], gl.NVMMASharedLayout(
             swizzle_byte_width=min(128, 2 * BLOCK_N), element_bitwidth=16, rank=2))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -379,15 +385,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None) ->
         raise ValueError(f"gluon attention does not take q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} "
                          f"{k.stride()}, v {tuple(v.shape)} {v.stride()} with config {config}")
     b, h, tq, d = q.shape
-    block_m = 64 * CONSUMERS
+    block_m = ROWS * CONSUMERS
     at_launch, consumer_regs = registers()
     out = torch.empty(b, tq, h, d, device=q.device, dtype=q.dtype)
-    use_pdl = pdl.enabled(q.device)
     _attention_kernel[(tq // block_m, b * h)](
-        _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), out, h, tq, k.shape[2],
+        _descriptor(q, ROWS), _descriptor(k, block_n), _descriptor(v, block_n), out, h, tq, k.shape[2],
         1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=CONSUMERS,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs),
-        PDL=use_pdl, num_warps=4, maxnreg=at_launch, **({"launch_pdl": True} if use_pdl else {}))
+        num_warps=4, maxnreg=at_launch, **pdl.launch_args(q.device))
     return out.transpose(1, 2)
 
 if gluon is not None:

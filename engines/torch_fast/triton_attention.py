@@ -156,7 +156,8 @@ def preferred(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v), through this kernel where `preferred` says it is faster, else
-    through the Gluon kernel where `gluon_attention.preferred` (opt-in), else cuDNN SDPA."""
+    through the Gluon kernel where `gluon_attention.preferred` (the 32x48 batch-2 calls, CNRT_GLUON_ATTENTION), else
+    cuDNN SDPA."""
     if preferred(q, k):
         return torch.ops.cnrt.triton_attention(q, k, v)
     if gluon_attention.preferred(q, k, v):
