@@ -1,7 +1,8 @@
-"""The 32x48 self-attentions at batch 2 (1536 tokens, 8 heads of 40) as a warp-specialized Gluon kernel.
+"""The 32x48 self-attentions (1536 tokens, 8 heads of 40) as a warp-specialized Gluon kernel.
 
-Why: four of the step's five 32x48 self-attentions (the decoder's three, the twin's first block at one row a
-network) ran on cuDNN SDPA, 33.8 us a call on an H100 plus a memset and idle time before each in the loop; our
+Why: the step's five 32x48 self-attentions (the decoder's three at batch 2, the twin's first block at one row a
+network, its second at batch 4) ran on cuDNN SDPA, 33.8 us a call at batch 2 on an H100, plus a memset and idle
+time before each in the loop; our
 Triton kernel takes 35.4 us there (bench/NOTES.md, twenty-first session). At d = 40 a score costs about as much
 special-function work (its exp2) as tensor-core work, and Triton waits for each wgmma right after issuing it.
 Gluon gives the kernel its own schedule:
@@ -10,8 +11,8 @@ Gluon gives the kernel its own schedule:
 - three consumer warpgroups each own 64 query rows of one (image, head), 192 rows a CTA, so that batch 2 is one
   wave of 128 CTAs on 132 SMs;
 - with PINGPONG the consumers take turns issuing their products (named barriers 8-10, FA3's scheme), so one's
-  softmax runs while the others' products do. (Measured after the loop's A/B: without the turns, 128-key blocks
-  take 23.5 us at batch 2 and 48.3 at batch 4 against 25.6 / 52.5 with them; the next A/B in bench/NOTES.md.)
+  softmax runs while the others' products do. Off by default: without the turns, 128-key blocks take 23.5 us at
+  batch 2 and 48.3 at batch 4 against 25.6 / 52.5 with them, and the loop 64.38 against 64.69 ms (one H100).
 The head is padded to 64 by the copy engine: the descriptors see q, k and v as (rows, heads, d) tensors with
 64-wide boxes, so the columns past d load as zeros and add nothing. The output goes out as 16-byte vectors (with
 2-byte stores, 12% of the kernel's stall samples were its store; ncu source counters).
@@ -22,10 +23,10 @@ registers cannot overlap the next softmax: ptxas gives the softmax's results tho
 serialises every wgmma of the kernel when it cannot prove an accumulator complete (C7514). The shared-memory loop
 avoids that, but its fence and barriers cost more than the overlap gains.
 
-Measured (H100, `python3 -m bench.gluon_attention`, us a call): batch 2 25.7 (default config) against cuDNN 33.8
-and Triton 35.4; batch 4 (the twin's second block, two waves) 52.3 against cuDNN 51.6, so it stays on cuDNN
-(MAX_ROWS). Loop (`bench.ab`, one H100): 64.72 ms against 65.22 with cuDNN. The same bytes on every run; within
-1.3e-4 of fp32 SDPA, as the Triton kernel (scores in fp32, online softmax in log2 units, P rounded to fp16, fp32
+Measured (H100, `python3 -m bench.gluon_attention`, us a call): batch 2 23.5 (default config; 25.7 with the turns)
+against cuDNN 33.5 and Triton 35.4; batch 4 (the twin's second block, two waves) 48.3 against cuDNN 51.8. Loop
+(`bench.ab`, one H100): 64.72 ms against 65.22 with cuDNN (the first version, batch 2 only). The same bytes on
+every run; within 1.3e-4 of fp32 SDPA, as the Triton kernel (scores in fp32, online softmax in log2 units, P rounded to fp16, fp32
 accumulators, one rounding of the output).
 
 `triton_attention.sdpa` sends the calls it takes here (`preferred`: CNRT_GLUON_ATTENTION, default on, a Hopper GPU,
@@ -67,7 +68,7 @@ def _config_from_env() -> "tuple[int, int, int, int]":
     """The default config, or CNRT_GLUON_ATTENTION_CONFIG's 'block_n,stages,pingpong,p_regs'."""
     value = os.environ.get("CNRT_GLUON_ATTENTION_CONFIG", "").strip()
     if not value:
-        return 128, 2, 1, 1
+        return 128, 2, 0, 1
     try:
         block_n, stages, pingpong, p_regs = (int(v) for v in value.split(","))
     except ValueError:
@@ -82,10 +83,11 @@ CONFIGS = ((128, 2, 1, 1), (128, 3, 1, 1), (128, 2, 0, 1), (64, 4, 1, 1), (64, 4
 
 
 # On by default (0: cuDNN SDPA, as before the twenty-first session): the self-attentions above triton_attention's
-# pair limit (the 32x48 ones) come here, up to MAX_ROWS query rows a call (batch x heads x tokens): the batch-2
-# calls. At batch 4 one CTA an SM takes two waves and ties with cuDNN (loop 64.77 against 64.71 ms with it, one H100).
+# pair limit (the 32x48 ones) come here, up to MAX_ROWS query rows a call (batch x heads x tokens): since the
+# twenty-second session the batch-4 call too (the twin's second block: 48.3 us against cuDNN's 51.8 without the
+# turns; with the twin's 16x24 self-attentions on Triton, loop 64.36 against 64.63 ms, one H100).
 ENABLED = env_flag("CNRT_GLUON_ATTENTION", True)
-MAX_ROWS = int(float(os.environ.get("CNRT_GLUON_ATTENTION_MAX_ROWS", 2 * 8 * 1536)))
+MAX_ROWS = int(float(os.environ.get("CNRT_GLUON_ATTENTION_MAX_ROWS", 4 * 8 * 1536)))
 
 
 def registers() -> "tuple[int, int]":
