@@ -7,10 +7,10 @@ Same function as `models.step.FusedDenoiseStep` (the parity tests hold it to tha
 - Everything that depends only on the prompt is precomputed once per prompt pair: the K and V projections of every
   cross-attention (`CrossAttentionKV`).
 - Self-attention Q/K/V are one fused matmul. Attention goes through `triton_attention.sdpa` (a one-launch Triton
-  kernel for the small calls, cuDNN for the big ones) and the feed-forward's GEGLU through `triton_geglu.geglu`
-  (one GEMM writing hidden * gelu(gate)); group norms read channels_last maps in memory order. The feed-forward's
-  second linear and proj_out add their residual inside the GEMM (`residual_gemm`), and the decoder's upsamplers
-  run as 2x2 convolutions with four output phases (`subpixel`).
+  kernel for the small calls, a Gluon kernel for the 32x48 self-attentions) and the feed-forward's GEGLU through
+  `triton_geglu.geglu` (one GEMM writing hidden * gelu(gate)); group norms read channels_last maps in memory
+  order. The feed-forward's second linear and proj_out add their residual inside the GEMM (`residual_gemm`), and
+  the decoder's upsamplers run as 2x2 convolutions with four output phases (`subpixel`).
 - The ControlNet (`ControlBranch`) and the UNet encoder + mid block (`UNetEncoder`) do not depend on each other, so
   the runner puts them on two CUDA streams; `UNetDecoder` joins them and ends with the CFG mix and the DDIM update.
 The parts walk diffusers' modules (their weights, their configs), so any SD1.5-shaped model (tiny ones included) works.

@@ -8,7 +8,9 @@ self-attentions at levels 1-3 (384, 96 and 24 tokens). This kernel is one launch
 registers only, 80 and 160 run as two exact column blocks (`head_blocks`).
 
 `sdpa` is what the step calls: this kernel (as the operator cnrt::triton_attention, which torch.compile keeps
-whole) up to MAX_PAIRS query-key pairs a call, cuDNN SDPA above, where it is faster. Checked against
+whole) up to MAX_PAIRS query-key pairs a call; above it the Gluon kernel (`gluon_attention`, the 32x48
+self-attentions) where it applies, else cuDNN SDPA (on the step's shapes, since the twenty-second session, never).
+Checked against
 F.scaled_dot_product_attention under Triton's interpreter (CPU tests) and on an H200 (GPU tests);
 `python3 -m bench.attention_backends` times both per shape.
 """
