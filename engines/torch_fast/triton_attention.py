@@ -110,17 +110,15 @@ if triton is not None:
 CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2),
            (128, 128, 8, 2), (128, 128, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2))
 
-# Up to this many query-key pairs per call (batch x heads x queries x keys) the step uses this kernel, above it
-# cuDNN SDPA. H200, CUDA-graph time per call from `python3 -m bench.attention_backends` (bench/NOTES.md, session 5):
-# every cross-attention (at most 3.8M pairs) and the self-attentions at 8x12 and below, plus the decoder's at 16x24
-# (2.4M), take 3.7-8.0 us here against cuDNN's 7.3-11.9. The twin's self-attention at 16x24 (4.7M pairs: 10.7
-# against 10.8 us) came here in the twenty-second session, with the Gluon kernel taking the 32x48 batch-4 call: no
-# cuDNN SDPA is left in the step, nor its memsets, and the loop took 64.36 against 64.63 ms (one H100). Self-attention at 32x48
-# (38M and 75M pairs) ties at batch 2 (33.0 against 33.9 us) and loses at batch 4 (58.2 against 49.4); in the loop
-# Triton there was slower (77.50 against 76.93 ms), so it stays on cuDNN. Session 7, after the key-mask and FMA
-# changes: 31.1 us at batch 2, 53.4 at batch 4 alone; everything on Triton gave 73.81 ms against 72.78 in the loop
-# (that run split d = 40 as 32 + 16, 1-3 us a call slower there: still about 0.8 ms worse).
-# CNRT_TRITON_ATTENTION_MAX_PAIRS overrides the limit (experiments).
+# Up to this many query-key pairs per call (batch x heads x queries x keys) the step uses this kernel; above it
+# the Gluon kernel or cuDNN SDPA (`sdpa`). H200, CUDA-graph time per call from `python3 -m bench.attention_backends`
+# (bench/NOTES.md, session 5): every cross-attention (at most 3.8M pairs) and the self-attentions at 8x12 and below,
+# plus the decoder's at 16x24 (2.4M), take 3.7-8.0 us here against cuDNN's 7.3-11.9. The twin's self-attention at
+# 16x24 (4.7M pairs: 10.7 against 10.8 us) came here in the twenty-second session, with the Gluon kernel taking the
+# 32x48 batch-4 call: no cuDNN SDPA is left in the step, nor its memsets, and the loop took 64.36 against 64.63 ms
+# (one H100). The self-attentions at 32x48 (38M and 75M pairs) lost here against cuDNN (session 7: 31.1 us at
+# batch 2 and 53.4 at batch 4 alone; in the loop 73.81 ms against 72.78 with everything on Triton) and run on the
+# Gluon kernel since the twenty-first session. CNRT_TRITON_ATTENTION_MAX_PAIRS overrides the limit (experiments).
 MAX_PAIRS = int(float(os.environ.get("CNRT_TRITON_ATTENTION_MAX_PAIRS", 5e6)))
 ENABLED = env_flag("CNRT_TRITON_ATTENTION", True)  # 0: cuDNN SDPA everywhere (A/B measurements)
 
