@@ -2,10 +2,9 @@
 
 Why: the step's five 32x48 self-attentions (the decoder's three at batch 2, the twin's first block at one row a
 network, its second at batch 4) ran on cuDNN SDPA, 33.8 us a call at batch 2 on an H100, plus a memset and idle
-time before each in the loop; our
-Triton kernel takes 35.4 us there (bench/NOTES.md, twenty-first session). At d = 40 a score costs about as much
-special-function work (its exp2) as tensor-core work, and Triton waits for each wgmma right after issuing it.
-Gluon gives the kernel its own schedule:
+time before each in the loop; our Triton kernel takes 35.4 us there (bench/NOTES.md, twenty-first session). At
+d = 40 a score costs about as much special-function work (its exp2) as tensor-core work, and Triton waits for
+each wgmma right after issuing it. Gluon gives the kernel its own schedule:
 - a producer warp streams K and V by TMA through a ring of STAGES shared-memory stages, each stage released by
   every consumer once its P V has read it; Q is loaded once;
 - three consumer warpgroups each own 64 query rows of one (image, head), 192 rows a CTA, so that batch 2 is one
@@ -26,8 +25,8 @@ avoids that, but its fence and barriers cost more than the overlap gains.
 Measured (H100, `python3 -m bench.gluon_attention`, us a call): batch 2 23.5 (default config; 25.7 with the turns)
 against cuDNN 33.5 and Triton 35.4; batch 4 (the twin's second block, two waves) 48.3 against cuDNN 51.8. Loop
 (`bench.ab`, one H100): 64.72 ms against 65.22 with cuDNN (the first version, batch 2 only). The same bytes on
-every run; within 1.3e-4 of fp32 SDPA, as the Triton kernel (scores in fp32, online softmax in log2 units, P rounded to fp16, fp32
-accumulators, one rounding of the output).
+every run; within 1.3e-4 of fp32 SDPA, as the Triton kernel (scores in fp32, online softmax in log2 units, P
+rounded to fp16, fp32 accumulators, one rounding of the output).
 
 `triton_attention.sdpa` sends the calls it takes here (`preferred`: CNRT_GLUON_ATTENTION, default on, a Hopper GPU,
 at most MAX_ROWS query rows), as the operator cnrt::gluon_attention that torch.compile keeps whole.
