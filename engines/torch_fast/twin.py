@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch_fast import (cudnn_conv, folded_cross, linear_norm, norm_matmul, parts, residual_gemm, triton_conv,
-                                zero_convs)
+from engines.torch_fast import (cudnn_conv, doubling, folded_cross, linear_norm, norm_matmul, parts, residual_gemm,
+                                triton_conv, zero_convs)
 from engines.torch_fast.conv_tuning import ConvShape
 from engines.torch_fast.fused_resnet import fused_if_tuned
 from engines.torch_fast.parts import (_heads, _kv_counts, _merge_heads, _resnets_of, _split, _transformers_of,
@@ -146,12 +146,12 @@ def _double_images(t: torch.Tensor) -> torch.Tensor:
 def _repeat_per_group(t: torch.Tensor) -> torch.Tensor:
     """(G*B, ...) -> (G*2B, ...), [copy, copy] per network, in t's own dimension order."""
     per_group = t.reshape(GROUPS, -1, *t.shape[1:])
-    return torch.cat([per_group, per_group], dim=1).reshape(-1, *t.shape[1:])
+    return doubling.twice_along_1(per_group).reshape(-1, *t.shape[1:])
 
 
 def _double_rows(t: torch.Tensor) -> torch.Tensor:
     """(G, B*T, X) -> (G, 2*B*T, X), the rows of `_double_images`."""
-    return torch.cat([t, t], dim=1)
+    return doubling.twice_along_1(t)
 
 
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
