@@ -396,6 +396,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None) ->
         num_warps=4, maxnreg=at_launch, **pdl.launch_args(q.device))
     return out.transpose(1, 2)
 
+
 if gluon is not None:
 
     @torch.library.custom_op("cnrt::gluon_attention", mutates_args=(), device_types="cuda")

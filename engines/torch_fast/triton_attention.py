@@ -10,8 +10,7 @@ registers only, 80 and 160 run as two exact column blocks (`head_blocks`).
 `sdpa` is what the step calls: this kernel (as the operator cnrt::triton_attention, which torch.compile keeps
 whole) up to MAX_PAIRS query-key pairs a call; above it the Gluon kernel (`gluon_attention`, the 32x48
 self-attentions) where it applies, else cuDNN SDPA (on the step's shapes, since the twenty-second session, never).
-Checked against
-F.scaled_dot_product_attention under Triton's interpreter (CPU tests) and on an H200 (GPU tests);
+Checked against F.scaled_dot_product_attention under Triton's interpreter (CPU tests) and on an H200 (GPU tests);
 `python3 -m bench.attention_backends` times both per shape.
 """
 
@@ -157,8 +156,8 @@ def preferred(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v), through this kernel where `preferred` says it is faster, else
-    through the Gluon kernel where `gluon_attention.preferred` (the 32x48 batch-2 calls, CNRT_GLUON_ATTENTION), else
-    cuDNN SDPA."""
+    through the Gluon kernel where `gluon_attention.preferred` (the 32x48 self-attentions, CNRT_GLUON_ATTENTION),
+    else cuDNN SDPA."""
     if preferred(q, k):
         return torch.ops.cnrt.triton_attention(q, k, v)
     if gluon_attention.preferred(q, k, v):
