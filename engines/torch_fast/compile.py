@@ -26,7 +26,7 @@ from engines.torch_fast import pdl
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 17  # 17: the Gluon attention without ping-pong turns (its default config 128,2,0,1)
+PARTS_VERSION = 18  # 18: the twin's CFG doubling as our copy kernel (doubling.py) by default
 
 
 JIT_CACHE = "inductor_cache.bin"
