@@ -1,8 +1,9 @@
 """The twin's CFG doubling as one copy kernel (`engines/torch_fast/doubling.py`, CNRT_MATERIALIZE_DOUBLING).
 
-CPU: the kernel through Triton's interpreter (groups, a tail shorter than a program's block), the switch's two forms
-of `twin._double_images` eagerly and compiled, and the twin step's parity with the switch on. GPU: the operator
-inside torch.compile, with PDL, against torch.cat.
+CPU: the kernel through Triton's interpreter (groups, a tail shorter than a program's block), its 16-byte vectors in
+the sm_90a SASS, and the switch's two forms of `twin._double_images` eagerly and compiled. The twin step's parity
+(`tests/test_twin.py`) runs with the switch at its default, on. GPU: the operator inside torch.compile, with PDL,
+against torch.cat.
 """
 
 from __future__ import annotations
