@@ -12,6 +12,7 @@ shape set: their manifest key holds all four and a mismatch means a rebuild.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 import sys
@@ -26,10 +27,11 @@ from engines.torch_fast import pdl
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 18  # 18: the twin's CFG doubling as our copy kernel (doubling.py) by default
+PARTS_VERSION = 19  # 19: finer split reductions (FinerSplits) by default
 
 
 JIT_CACHE = "inductor_cache.bin"
+SPLIT_RUN = int(os.environ.get("CNRT_INDUCTOR_SPLIT_RUN", "1024"))  # `FinerSplits`' run; 0: Inductor's own splits
 
 
 class CompileMode(str, enum.Enum):
@@ -64,8 +66,50 @@ def _inductor_settings() -> None:
         for part in path:
             target = getattr(target, part)
         setattr(target, leaf, _option_value(value.strip()))
+    # Reductions Inductor splits are split into runs of at most SPLIT_RUN elements (FinerSplits; 0: Inductor's own
+    # splits). One H100, same machine: loop 63.85 against 64.15 ms, Inductor's kernels 13.91 against 14.46 ms
+    # (bench/NOTES.md, twenty-fourth session).
+    if SPLIT_RUN > 0:
+        use_finer_splits(SPLIT_RUN)
     if pdl.REQUESTED:
         _enable_inductor_pdl()
+
+
+try:
+    from torch._inductor.choices import InductorChoices
+except ImportError:  # pragma: no cover - older torch
+    InductorChoices = object
+
+
+def use_finer_splits(run: int) -> None:
+    """FinerSplits(run) for every compile from here on: as Inductor's choices factory (its uuid then enters the
+    cache key) and as this thread's choices handler, which Inductor creates once a thread from the factory, so that
+    a process that compiled something before (the bench's torch.compile baseline) switches too."""
+    import torch._inductor.config as cfg
+    from torch._inductor.virtualized import V
+
+    cfg.inductor_choices_class = functools.partial(FinerSplits, run)
+    V.set_choices_handler(FinerSplits(run))
+
+
+class FinerSplits(InductorChoices):
+    """Inductor's choices, except that a reduction it splits anyway is split into runs of at most `run` elements
+    (CNRT_INDUCTOR_SPLIT_RUN, default 1024): more programs for the group norms' statistics, which the twenty-third
+    session's profile found 2-3x slower in the step than their bytes (Inductor ran them as one or two programs a
+    (image, group), each walking 7680-15360 elements; a 15360-element group now takes 15 programs). Reductions
+    Inductor keeps whole stay whole. Its uuid puts the run into Inductor's cache key."""
+
+    def __init__(self, run: int):
+        super().__init__()
+        self.run = run
+
+    def reduction_split_factor(self, device, reduction_numel_hint: int, numel_hint: int,
+                               inner_reduction: bool) -> int:
+        split = InductorChoices.reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction)
+        return split if split <= 1 else max(split, -(-reduction_numel_hint // self.run))
+
+    def uuid(self) -> str:
+        return f"cnrt-finer-splits-{self.run}"
 
 
 def _enable_inductor_pdl() -> None:
