@@ -100,7 +100,11 @@ class FinerSplits(InductorChoices):
     (CNRT_INDUCTOR_SPLIT_RUN, default 1024): more programs for the group norms' statistics, which the twenty-third
     session's profile found 2-3x slower in the step than their bytes (Inductor ran them as one or two programs a
     (image, group), each walking 7680-15360 elements; a 15360-element group now takes 15 programs). Reductions
-    Inductor keeps whole stay whole. Its uuid puts the run into Inductor's cache key."""
+    Inductor keeps whole stay whole, and so do reductions of more than MAX_ELEMENTS: the step's largest group is
+    46080 elements (2x960x32x48), while the VAE decoder's larger maps have 98304 or more a group, where the A/B
+    that kept this (the loop only) says nothing. Its uuid puts the run into Inductor's cache key."""
+
+    MAX_ELEMENTS = 65536
 
     def __init__(self, run: int):
         super().__init__()
@@ -109,10 +113,12 @@ class FinerSplits(InductorChoices):
     def reduction_split_factor(self, device, reduction_numel_hint: int, numel_hint: int,
                                inner_reduction: bool) -> int:
         split = InductorChoices.reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction)
-        return split if split <= 1 else max(split, -(-reduction_numel_hint // self.run))
+        if split <= 1 or reduction_numel_hint > self.MAX_ELEMENTS:
+            return split
+        return max(split, -(-reduction_numel_hint // self.run))
 
     def uuid(self) -> str:
-        return f"cnrt-finer-splits-{self.run}"
+        return f"cnrt-finer-splits-{self.run}-max-{self.MAX_ELEMENTS}"
 
 
 def _enable_inductor_pdl() -> None:
