@@ -60,7 +60,8 @@ def _recording(kernels: list):
 
 
 def triton_kernels(fn: Callable, *inputs: torch.Tensor) -> "list[tuple[str, str]]":
-    """[(kernel name, Triton source)] Inductor generates for fn(*inputs) (CPU tensors), in launch order."""
+    """[(kernel name, Triton source)] Inductor generates for fn(*inputs) (CPU tensors), in the order its wrapper
+    defines them (for a graph without branches, the order it launches them)."""
     kernels: list = []
     torch._dynamo.reset()
     with _recording(kernels):
