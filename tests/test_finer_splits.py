@@ -18,8 +18,8 @@ from engines.torch_fast.compile import FinerSplits
 
 
 def _inductor_splits(device, reduction_numel_hint, numel_hint, inner_reduction):
-    """A stand-in for Inductor's heuristic, which on a CPU never splits: two runs for reductions above 1000."""
-    return 2 if reduction_numel_hint > 1000 else 1
+    """A stand-in for Inductor's heuristic, which on a CPU never splits: two runs for reductions of 960 or more."""
+    return 2 if reduction_numel_hint >= 960 else 1
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_only_splits_inductor_makes_get_finer(splitting_inductor):
     choices = FinerSplits(1024)
     assert choices.reduction_split_factor(None, 15360, 128, True) == 15  # 2 runs of 7680 -> 15 runs of 1024
     assert choices.reduction_split_factor(None, 1500, 64, False) == 2  # runs already shorter than 1024
-    assert choices.reduction_split_factor(None, 960, 64, True) == 1  # kept whole by Inductor: stays whole
+    assert choices.reduction_split_factor(None, 900, 64, True) == 1  # kept whole by Inductor: stays whole
     assert choices.reduction_split_factor(None, 98304, 32, True) == 2  # the VAE's large groups: Inductor's split
     assert choices.uuid() != FinerSplits(2048).uuid()  # the run is in Inductor's cache key
 
@@ -51,10 +51,8 @@ def _statistics_run(run: "int | None") -> int:
     return int(re.search(r"r0_numel = (\d+)", source).group(1))
 
 
-def test_finer_splits_reach_inductor_lowering(monkeypatch):
+def test_finer_splits_reach_inductor_lowering(splitting_inductor):
     pytest.importorskip("triton")
-    monkeypatch.setattr(InductorChoices, "reduction_split_factor",
-                        staticmethod(lambda device, r, n, inner_reduction: 2 if r >= 960 else 1))
     assert _statistics_run(None) == 480  # Inductor's two runs
     assert _statistics_run(240) == 240  # four runs of 240
 
