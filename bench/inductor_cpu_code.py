@@ -8,8 +8,15 @@ another way compiled to more kernels. Inductor's Triton code generator also serv
 `triton_kernels` runs the code generator and records each kernel's source where Inductor would build it, so the
 kernels are generated (fusion, tiling, index arithmetic) but never run.
 
-What differs from the GPU: the heuristics that read the device (split reductions, which count SMs; launch configs)
-see the CPU, so a reduction the GPU splits is generated whole here. Fusion decisions and indexing are the GPU's.
+What differs from the GPU:
+- the heuristics that read the device (split reductions, which count SMs; launch configs) see the CPU, so a
+  reduction the GPU splits is generated whole here;
+- Inductor's loop ordering after fusion runs only for GPU devices (`is_gpu` in its `ir.py` and `scheduler.py`):
+  here a node's loops are merged before fusion, so a pointwise node whose loops the GPU would reorder to join a
+  reduction stays a kernel of its own. The twenty-fifth session met this: a group norm written group-major was
+  one kernel on the GPU (torch 2.11) and two here (bench/NOTES.md);
+- this machine's torch (2.13) is not the GPU machine's (2.11).
+Indexing and the other fusion decisions are the GPU's.
 """
 
 from __future__ import annotations
