@@ -95,7 +95,9 @@ def group_norm_silu_from_group_major(x: torch.Tensor, eps: float, weight: torch.
 
 # conv1 of a fused ResNet block hands its output to the second norm group-major (opt-in; see above).
 CONV1_GROUP_MAJOR = env_flag("CNRT_CONV1_GROUP_MAJOR", False)
-GROUP_MAJOR_MAX_ELEMENTS = 7680  # elements a group: the 4x6 and 8x12 maps, where a program per (image, group) fits
+# Elements a group at most: 7680 takes the 4x6 and 8x12 maps, 960 the 4x6 ones only. At 8x12 the one kernel is a
+# looped reduction over 64-128 programs that reads the partials twice: whether that beats two kernels is for the A/B.
+GROUP_MAJOR_MAX_ELEMENTS = int(os.environ.get("CNRT_CONV1_GROUP_MAJOR_MAX", "7680"))
 
 
 def group_major_fits(channels: int, height: int, width: int, num_groups: int) -> bool:
