@@ -101,8 +101,9 @@ GROUP_MAJOR_MAX_ELEMENTS = int(os.environ.get("CNRT_CONV1_GROUP_MAJOR_MAX", "768
 
 
 def group_major_fits(channels: int, height: int, width: int, num_groups: int) -> bool:
-    """Whether a map of this shape goes group-major: groups of a multiple of 8 channels (whole 16-byte runs of
-    fp16, and of fp32 partial sums in 4-column runs) and at most GROUP_MAJOR_MAX_ELEMENTS elements a group."""
+    """Whether a map of this shape goes group-major: groups of a multiple of 8 channels (the convolution's
+    group-major stores need whole 4-column runs of fp32; 8 is what the step's 1280-channel maps have and what the
+    tests cover) and at most GROUP_MAJOR_MAX_ELEMENTS elements a group."""
     per_group = channels // num_groups
     return (channels % num_groups == 0 and per_group % 8 == 0
             and height * width * per_group <= GROUP_MAJOR_MAX_ELEMENTS)

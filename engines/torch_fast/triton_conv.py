@@ -381,15 +381,14 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     final = cfg.split_k == 1 or fixup  # the kernel writes the finished output: bias, residual and cast included
     kernel_bias = bias if final else None
     kernel_residual = residual if final else None
-    parts_cpg = 0 if final else out_group_major  # the partials' layout
     if x.is_cuda and (fixup or pdl.enabled(x.device)):
         out = torch.ops.cnrt.conv2d_launch(
             x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding,
             [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages],
-            list(cfg.box) if cfg.box is not None else [], groups, fixup, parts_cpg)
+            list(cfg.box) if cfg.box is not None else [], groups, fixup, out_group_major)
     else:
         out = _launch(x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding, cfg, groups,
-                      fixup, parts_cpg)
+                      fixup, out_group_major)
     if out_group_major:
         return _group_major_output(out, final, n, oh * ow, cout, out_group_major, groups, bias, residual, x.dtype)
     if final:
@@ -434,7 +433,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
     """One launch of a kernel for checked, channels_last inputs -> its output rows: (1, groups * M, Cout) in x's
     dtype when the kernel finishes them (no split, or fixup; bias and residual are then added in it), else the
     (split_k, groups * M, Cout) fp32 partial sums (bias and residual must then be None: added after the sum),
-    laid out group-major with out_cpg channels a group if out_cpg > 0 (`_epilogue`)."""
+    laid out group-major with out_cpg channels a group if out_cpg > 0 (`_epilogue`; finished rows ignore it)."""
     n, c, h, w = x.shape
     cout = weight.shape[-1]
     c2 = 0 if shortcut is None else shortcut.shape[1]
@@ -443,6 +442,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
     k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
     split = cfg.split_k
     final = split == 1 or fixup
+    parts_cpg = 0 if final else out_cpg  # only partial sums are laid out group-major
     bias_stride = 0 if bias is None or bias.dim() != 2 else bias.stride(0)
     out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
                       dtype=x.dtype if final else torch.float32)
@@ -456,7 +456,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
         counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
     if cfg.box is not None:
         _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n // groups, oh, ow, c, cout,
-                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg, 0 if final else out_cpg)
+                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg, parts_cpg)
     else:
         # Called directly under torch.compile too (only with PDL off: see conv2d_nhwc). Arguments the kernel
         # never reads get the weight, not `out`, so no argument aliases the one it writes.
@@ -468,7 +468,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
             STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
             HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=fixup,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, OUT_CPG=0 if final else out_cpg, **pdl.launch_args(x.device))
+            num_stages=cfg.num_stages, OUT_CPG=parts_cpg, **pdl.launch_args(x.device))
     return out
 
 
