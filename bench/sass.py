@@ -160,12 +160,11 @@ def _geglu_kernel(config=(128, 64, 4, 3), early_bias: bool = True):
     return compile_sm90(tg._geglu_tma_kernel, args, constexprs, warps, stages)
 
 
-def _conv_tma_kernel(out_cpg: int = 0):
+def _conv_tma_kernel():
     """The step's TMA convolution at the decoder's 8x12 conv2 (2x1280x8x12 -> 1280) with the H100 table's config
     (`bench.ncu_kernels.conv_8x12_config`, the one ncu profiles). Its A tile, a 4-D box, is reshaped to 2-D through
     registers, so every wgmma takes A from registers and is waited for at once (bench/NOTES.md, nineteenth
-    session). out_cpg: its split-K partials stored group-major with that many channels a group (the opt-in
-    CNRT_CONV1_GROUP_MAJOR), which should stay 16-byte stores."""
+    session)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from bench.ncu_kernels import conv_8x12_config
@@ -181,8 +180,7 @@ def _conv_tma_kernel(out_cpg: int = 0):
                 K_STEPS_PER_SPLIT=9 * c // cfg.block_k // cfg.split_k, SPLIT=cfg.split_k, GROUPS=1, M=2 * h * w,
                 BIAS_STRIDE=0, TILES_Y=-(-h // bh), TILES_X=-(-w // bw))
     constexprs = dict(PAD=1, KSIZE=3, HAS_BIAS=False, HAS_SHORTCUT=False, HAS_RESIDUAL=False, FIXUP=False,
-                      BOX_I=bi, BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=2,
-                      OUT_CPG=out_cpg)
+                      BOX_I=bi, BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=2)
     return compile_sm90(tc._conv_tma_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -197,7 +195,6 @@ KERNELS = {
     "geglu": _geglu_kernel,
     "geglu-late-bias": lambda: _geglu_kernel(early_bias=False),
     "conv-tma": _conv_tma_kernel,
-    "conv-tma-group-major-out": lambda: _conv_tma_kernel(out_cpg=40),
     "gluon-geglu": lambda: _gluon_geglu_kernel(True),
     "gluon-geglu-direct-store": lambda: _gluon_geglu_kernel(False),
 }

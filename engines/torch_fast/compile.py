@@ -27,7 +27,8 @@ from engines.torch_fast import pdl
 from profiles.config import parse_choice
 
 # Bump when the parts' code changes in a way that invalidates compiled packages.
-PARTS_VERSION = 20  # 20: cnrt::conv2d_launch takes out_cpg (group-major partial sums, opt-in)
+PARTS_VERSION = 21  # 21: the opt-in group-major conv1 (20) removed again: the launch operator's old signature
+# 20: cnrt::conv2d_launch took out_cpg (group-major partial sums, opt-in)
 # 19: finer split reductions (FinerSplits) by default
 
 

@@ -9,8 +9,7 @@ Why: compiled by Inductor, a ResNet block of the step is about seven kernels: Gr
                                     (or, where the tuner chose a cuDNN graph-API config, that convolution, the
                                     row added by Inductor in the next kernel; likewise conv2 + residual, the
                                     1x1 shortcut then a cuBLAS GEMM accumulating into conv2's output)
-    GN2 + SiLU                      Inductor (with CNRT_CONV1_GROUP_MAJOR=1, opt-in and unmeasured, conv1 hands
-                                    it a small map group-major: `parts.group_norm_silu_from_group_major`)
+    GN2 + SiLU                      Inductor
     conv2 + shortcut + residual     one kernel: the 1x1 shortcut's weights are extra K rows of conv2's GEMM
                                     (`triton_conv`), or the identity residual is added in its epilogue
 
@@ -29,8 +28,7 @@ from torch import nn
 
 from engines.torch_fast import cudnn_conv, triton_conv
 from engines.torch_fast.conv_tuning import ConvShape
-from engines.torch_fast.parts import (CONV1_GROUP_MAJOR, group_major_fits, group_norm_silu_from_group_major,
-                                      stacked_group_norm)
+from engines.torch_fast.parts import stacked_group_norm
 from engines.torch_fast.triton_conv import ConvConfig
 
 
@@ -108,20 +106,12 @@ class FusedResnet(nn.Module):
 
     def forward(self, x: torch.Tensor, conv1_bias: torch.Tensor) -> torch.Tensor:
         h = F.silu(stacked_group_norm(x, self.norm_groups[0], self.eps[0], self.norm1_weight, self.norm1_bias))
-        _, _, height, width = x.shape
-        cout = self.conv2_bias.shape[-1]
         if self.conv1_plan is not None:
             h = cudnn_conv.with_bias(cudnn_conv.conv2d(h, self.conv1_weight, 1, self.conv1_plan), conv1_bias,
                                      self.groups)
-            h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
-        elif CONV1_GROUP_MAJOR and group_major_fits(cout, height, width, self.norm_groups[1]):
-            # conv1's output (its split-K partials) group-major, the second norm reading it in its own order
-            h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups,
-                                        out_group_major=cout // self.norm_groups[1])
-            h = group_norm_silu_from_group_major(h, self.eps[1], self.norm2_weight, self.norm2_bias, height, width)
         else:
             h = triton_conv.conv2d_nhwc(h, self.conv1_weight, conv1_bias, 3, 1, 1, self.conv1_config, self.groups)
-            h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
+        h = F.silu(stacked_group_norm(h, self.norm_groups[1], self.eps[1], self.norm2_weight, self.norm2_bias))
         if self.conv2_plan is not None:
             y = cudnn_conv.conv2d(h, self.conv2_weight, 1, self.conv2_plan,
                                   shortcut=x if self.has_shortcut else None, shortcut_weight=self.shortcut_weight)

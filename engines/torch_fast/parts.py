@@ -70,45 +70,6 @@ def stacked_group_norm(x: torch.Tensor, num_groups: int, eps: float, weight: tor
     return y.to(x.dtype).reshape(b, height, width, c).permute(0, 3, 1, 2)
 
 
-def group_norm_silu_from_group_major(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor,
-                                     height: int, width: int) -> torch.Tensor:
-    """silu(stacked_group_norm(...)) of a map given group-major, x (N, groups, H*W, C/groups) (what
-    `triton_conv.conv2d_nhwc(..., out_group_major=C/groups)` returns), as an (N, C, H, W) channels_last map.
-
-    Why: compiled, a group norm over a channels_last map is two kernels (statistics per (image, group), then an
-    apply in memory order). Read group-major, the apply's loads follow the statistics' order, which is what
-    Inductor needs to make one kernel of them (on the GPU's Inductor: a norm written group-major from a plain map
-    was one kernel there; bench/NOTES.md, twenty-fifth session). This is the other direction: the map comes
-    group-major from the convolution before, the output goes channels_last to the one after, whose reads stay as
-    fast as they are (writing the output group-major made them slower). Opt-in (`CONV1_GROUP_MAJOR`), unmeasured
-    in the loop. Same arithmetic as stacked_group_norm then silu."""
-    n, num_groups, pixels, per_group = x.shape
-    stacks = weight.numel() // (num_groups * per_group)
-    rows = x.float()
-    var, mean = torch.var_mean(rows, dim=(2, 3), correction=0, keepdim=True)
-    y = ((rows - mean) * torch.rsqrt(var + eps)).reshape(stacks, n // stacks, num_groups, pixels, per_group)
-    affine = (stacks, 1, num_groups, 1, per_group)
-    y = F.silu((y * weight.reshape(affine).float() + bias.reshape(affine).float()).to(x.dtype))
-    return y.reshape(n, num_groups, height, width, per_group).permute(0, 2, 3, 1, 4).reshape(
-        n, height, width, num_groups * per_group).permute(0, 3, 1, 2)
-
-
-# conv1 of a fused ResNet block hands its output to the second norm group-major (opt-in; see above).
-CONV1_GROUP_MAJOR = env_flag("CNRT_CONV1_GROUP_MAJOR", False)
-# Elements a group at most: 7680 takes the 4x6 and 8x12 maps, 960 the 4x6 ones only. At 8x12 the one kernel is a
-# looped reduction over 64-128 programs that reads the partials twice: whether that beats two kernels is for the A/B.
-GROUP_MAJOR_MAX_ELEMENTS = int(os.environ.get("CNRT_CONV1_GROUP_MAJOR_MAX", "7680"))
-
-
-def group_major_fits(channels: int, height: int, width: int, num_groups: int) -> bool:
-    """Whether a map of this shape goes group-major: groups of a multiple of 8 channels (the convolution's
-    group-major stores need whole 4-column runs of fp32; 8 is what the step's 1280-channel maps have and what the
-    tests cover) and at most GROUP_MAJOR_MAX_ELEMENTS elements a group."""
-    per_group = channels // num_groups
-    return (channels % num_groups == 0 and per_group % 8 == 0
-            and height * width * per_group <= GROUP_MAJOR_MAX_ELEMENTS)
-
-
 def group_norm_rows(x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor, bias: torch.Tensor,
                     residual_bias: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
     """stacked_group_norm(x) (weight, bias: (C,) or stacked (A, C)) returned as the rows a matmul takes,

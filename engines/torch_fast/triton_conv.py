@@ -78,15 +78,13 @@ if triton is not None:
 
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
-                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, OHW, HAS_BIAS: tl.constexpr,
-                  HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr, OUT_CPG: tl.constexpr):
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  FIXUP: tl.constexpr):
         """Both kernels' end: bias, residual and the store of one output tile (offs_m: output rows within the
         group). A split program without FIXUP stores its fp32 partial sum at slot pid_k (a reduction outside adds
-        them up); OUT_CPG > 0 lays the partials out group-major, (SPLIT, images, COUT / OUT_CPG, OHW, OUT_CPG),
-        in 16-byte runs (OUT_CPG % 4 == 0). With FIXUP each program of a split stores its partial in ws, and the
-        last of them to finish the tile (an arrival counter per tile) adds the SPLIT partials in slot order, so the
-        sum does not depend on which finished last, resets the counter and goes on to bias, residual and the final
-        store."""
+        them up). With FIXUP each program of a split stores its partial in ws, and the last of them to finish the
+        tile (an arrival counter per tile) adds the SPLIT partials in slot order, so the sum does not depend on
+        which finished last, resets the counter and goes on to bias, residual and the final store."""
         tile_ok = row_ok[:, None] & col_ok[None, :]
         rows = group * M + offs_m[:, None]
         if FIXUP:
@@ -100,13 +98,6 @@ if triton is not None:
                                cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + tile, 0, mask=last, sem="relaxed")  # ready for the next launch
             out = out_ptr + rows * COUT + offs_n[None, :]
-        elif OUT_CPG > 0:
-            img = rows // OHW
-            run = (offs_n // 4) * 4  # each 4-column run lies inside one group
-            grp = run // OUT_CPG
-            col = grp * (OHW * OUT_CPG) + (run - grp * OUT_CPG)
-            start = tl.multiple_of(img * (OHW * COUT) + (rows - img * OHW) * OUT_CPG + col[None, :], [4, 4])
-            out = out_ptr + pid_k * GROUPS * M * COUT + start + (offs_n % 4)[None, :]
         else:
             out = out_ptr + (pid_k * GROUPS * M + rows) * COUT + offs_n[None, :]
         if HAS_BIAS:
@@ -121,7 +112,7 @@ if triton is not None:
                           STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr = False, OUT_CPG: tl.constexpr = 0):
+                          PDL: tl.constexpr = False):
         pdl_begin(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -168,7 +159,7 @@ if triton is not None:
         pdl_end(PDL)
         tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
         _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
-                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, OHW, HAS_BIAS, HAS_RESIDUAL, FIXUP, OUT_CPG)
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS, HAS_RESIDUAL, FIXUP)
 
 
     @triton.jit
@@ -178,8 +169,7 @@ if triton is not None:
                          PAD: tl.constexpr, KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FIXUP: tl.constexpr,
                          BOX_I: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                         OUT_CPG: tl.constexpr = 0):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         """Stride-1 convolution, A and B tiles by TMA: the output tile is a BOX_I x BOX_H x BOX_W block of
         (image, row, column), so the tap (ky, kx)'s A tile is the same block of the input shifted by
         (ky - PAD, kx - PAD); the copy engine fills what falls outside the map (the padding) with zeros."""
@@ -228,7 +218,7 @@ if triton is not None:
         col_ok = offs_n < COUT
         tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
         _epilogue(acc, out_ptr, ws_ptr, count_ptr, bias_ptr, res_ptr, offs_m, offs_n, row_ok, col_ok, group, pid_k,
-                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, OH * OW, HAS_BIAS, HAS_RESIDUAL, FIXUP, OUT_CPG)
+                  tile, M, COUT, GROUPS, SPLIT, BIAS_STRIDE, HAS_BIAS, HAS_RESIDUAL, FIXUP)
 
 
 def weight_matrix(weight: torch.Tensor, shortcut: "torch.Tensor | None" = None) -> torch.Tensor:
@@ -256,8 +246,7 @@ def supports(in_channels: int, kernel_size: int, cfg: ConvConfig, shortcut_chann
 
 
 def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_img, oh, ow, c, cout,
-                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig,
-                out_cpg: int = 0) -> None:
+                k_steps_per_split, groups, m, bias_stride, kernel_size, padding, cfg: ConvConfig) -> None:
     """The TMA kernel's descriptors and launch (grid: one program per box, N tile and split, as `_launch` counts
     them). Its 4-D descriptors see the channels_last maps as the (N, H, W, C) tensors they are in memory; the
     weight's as (groups * rows, Cout)."""
@@ -276,7 +265,7 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         tiles_y, tiles_x, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
         HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
         BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, OUT_CPG=out_cpg, **pdl.launch_args(x.device))
+        num_stages=cfg.num_stages, **pdl.launch_args(x.device))
 
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in, off (slower in the loop, bench/NOTES.md).
@@ -327,7 +316,7 @@ def sum_partials(parts: torch.Tensor, unrolled: "bool | None" = None) -> torch.T
 def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None", kernel_size: int, stride: int,
                 padding: int, cfg: ConvConfig, groups: int = 1, shortcut: "torch.Tensor | None" = None,
                 residual: "torch.Tensor | None" = None, sum_only: bool = False,
-                fixup: "bool | None" = None, out_group_major: int = 0) -> torch.Tensor:
+                fixup: "bool | None" = None) -> torch.Tensor:
     """conv2d of x (N, C, H, W), channels_last memory -> (N, Cout, OH, OW), channels_last memory.
 
     groups > 1 runs that many independent convolutions in one launch: images [g*N/groups, (g+1)*N/groups) use
@@ -343,10 +332,6 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
 
     sum_only (tuning): with split_k > 1, return the fp32 sum of the partials, (groups * M, Cout), and skip the bias,
     residual and cast; that is what a split costs inside a compiled part, where those fuse into the consumer.
-
-    out_group_major = channels a group (a multiple of 4 dividing Cout; 0: off) returns the output group-major
-    instead, (N, Cout / out_group_major, OH * OW, out_group_major), for a group norm to read in its own order (see
-    `parts.group_norm_silu_from_group_major`); with a K split the kernel then lays its partial sums out that way.
 
     The launch runs as the operator cnrt::conv2d_launch (which torch.compile keeps whole) when the kernel needs
     what a traced launch cannot give: the split fixup's private arrival counters, or PDL's launch attribute
@@ -364,9 +349,6 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
         raise ValueError(f"{groups} groups need N divisible by them and weight (groups, K, Cout), got N={n}, "
                          f"weight {tuple(weight.shape)}")
     oh, ow = output_size(h, w, kernel_size, stride, padding)
-    if out_group_major and (out_group_major % 4 or cout % out_group_major or sum_only):
-        raise ValueError(f"out_group_major={out_group_major} must be a multiple of 4 dividing Cout={cout}, "
-                         "and not with sum_only")
     for name, t, channels in (("shortcut", shortcut, c2), ("residual", residual, cout)):
         if t is not None and tuple(t.shape) != (n, channels, oh, ow):
             raise ValueError(f"{name} must be {(n, channels, oh, ow)}, got {tuple(t.shape)}")
@@ -385,12 +367,10 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
         out = torch.ops.cnrt.conv2d_launch(
             x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding,
             [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages],
-            list(cfg.box) if cfg.box is not None else [], groups, fixup, out_group_major)
+            list(cfg.box) if cfg.box is not None else [], groups, fixup)
     else:
         out = _launch(x, weight, kernel_bias, shortcut, kernel_residual, kernel_size, stride, padding, cfg, groups,
-                      fixup, out_group_major)
-    if out_group_major:
-        return _group_major_output(out, final, n, oh * ow, cout, out_group_major, groups, bias, residual, x.dtype)
+                      fixup)
     if final:
         result = out[0]
     elif sum_only:
@@ -405,35 +385,11 @@ def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | Non
     return result.reshape(n, oh, ow, cout).permute(0, 3, 1, 2)
 
 
-def _group_major_output(out: torch.Tensor, final: bool, n: int, pixels: int, cout: int, per_group: int, groups: int,
-                        bias: "torch.Tensor | None", residual: "torch.Tensor | None",
-                        dtype: torch.dtype) -> torch.Tensor:
-    """conv2d_nhwc's output as (N, Cout / per_group, pixels, per_group): from the kernel's finished NHWC rows (a
-    view), or from its group-major partial sums plus bias and residual (the same arithmetic as the NHWC sum:
-    partials in split order, then the bias, then the residual, in fp32, one rounding)."""
-    norm_groups = cout // per_group
-
-    def regroup(rows: torch.Tensor) -> torch.Tensor:  # (N * pixels, Cout) rows -> group-major view
-        return rows.reshape(n, pixels, norm_groups, per_group).permute(0, 2, 1, 3)
-
-    if final:
-        return regroup(out[0])
-    total = sum_partials(out.reshape(out.shape[0], n, norm_groups, pixels, per_group))
-    if bias is not None:
-        shape = (groups, n // groups, norm_groups, pixels, per_group)
-        total = (total.reshape(shape) + bias.float().reshape(groups, 1, norm_groups, 1, per_group)).reshape(
-            total.shape)
-    if residual is not None:
-        total = total + regroup(residual.permute(0, 2, 3, 1).reshape(n * pixels, cout)).float()
-    return total.to(dtype)
-
-
 def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, cfg: ConvConfig, groups,
-            fixup: bool, out_cpg: int = 0) -> torch.Tensor:
+            fixup: bool) -> torch.Tensor:
     """One launch of a kernel for checked, channels_last inputs -> its output rows: (1, groups * M, Cout) in x's
     dtype when the kernel finishes them (no split, or fixup; bias and residual are then added in it), else the
-    (split_k, groups * M, Cout) fp32 partial sums (bias and residual must then be None: added after the sum),
-    laid out group-major with out_cpg channels a group if out_cpg > 0 (`_epilogue`; finished rows ignore it)."""
+    (split_k, groups * M, Cout) fp32 partial sums (bias and residual must then be None: added after the sum)."""
     n, c, h, w = x.shape
     cout = weight.shape[-1]
     c2 = 0 if shortcut is None else shortcut.shape[1]
@@ -442,7 +398,6 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
     k_steps = (kernel_size * kernel_size * c + c2) // cfg.block_k
     split = cfg.split_k
     final = split == 1 or fixup
-    parts_cpg = 0 if final else out_cpg  # only partial sums are laid out group-major
     bias_stride = 0 if bias is None or bias.dim() != 2 else bias.stride(0)
     out = torch.empty((1 if final else split, groups * m, cout), device=x.device,
                       dtype=x.dtype if final else torch.float32)
@@ -456,7 +411,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
         counts = _tile_counters(x.device, weight, grid[0] * grid[1] * groups)
     if cfg.box is not None:
         _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n // groups, oh, ow, c, cout,
-                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg, parts_cpg)
+                    k_steps // split, groups, m, bias_stride, kernel_size, padding, cfg)
     else:
         # Called directly under torch.compile too (only with PDL off: see conv2d_nhwc). Arguments the kernel
         # never reads get the weight, not `out`, so no argument aliases the one it writes.
@@ -468,7 +423,7 @@ def _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, c
             STRIDE=stride, PAD=padding, KSIZE=kernel_size, HAS_BIAS=bias is not None,
             HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=fixup,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, OUT_CPG=parts_cpg, **pdl.launch_args(x.device))
+            num_stages=cfg.num_stages, **pdl.launch_args(x.device))
     return out
 
 
@@ -478,16 +433,14 @@ if triton is not None:
     def _launch_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    shortcut: Optional[torch.Tensor], residual: Optional[torch.Tensor], kernel_size: int,
                    stride: int, padding: int, config: list[int], box: list[int], groups: int,
-                   fixup: bool, out_cpg: int = 0) -> torch.Tensor:
+                   fixup: bool) -> torch.Tensor:
         """`_launch` as one operator that torch.compile does not trace into: the fixup's arrival counters live in
         a buffer it does not see, and a traced launch would drop PDL's launch attribute."""
         cfg = ConvConfig(*config, box=tuple(box) if box else None)
-        return _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, cfg, groups, fixup,
-                       out_cpg)
+        return _launch(x, weight, bias, shortcut, residual, kernel_size, stride, padding, cfg, groups, fixup)
 
     @_launch_op.register_fake
-    def _(x, weight, bias, shortcut, residual, kernel_size, stride, padding, config, box, groups, fixup,
-          out_cpg=0):
+    def _(x, weight, bias, shortcut, residual, kernel_size, stride, padding, config, box, groups, fixup):
         n, _, h, w = x.shape
         oh, ow = output_size(h, w, kernel_size, stride, padding)
         final = config[3] == 1 or fixup
