@@ -4,8 +4,7 @@ Why: those five calls are the largest attention cost of a step (bench/NOTES.md).
 leaves the tensor cores idle during the softmax; the Gluon kernel (`engines/torch_fast/gluon_attention.py`) gives
 the softmax and the products separate warpgroups. This times each on the step's inputs (head-split views
 of one fused Q/K/V product, as `twin.py` and `parts.py` make them), in CUDA graphs, and checks each against the
-fp32 reference; the Gluon kernel for each of its configs (exp2 on the MUFU) and, with the default config, with
-one exponential in 4 or 2 on the FMA pipe (`fast_exp2`), and whether two of its runs give the same bytes.
+fp32 reference; the Gluon kernel for each of its configs, and whether two of its runs give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engines.torch_fast import fast_exp2, gluon_attention, triton_attention
+from engines.torch_fast import gluon_attention, triton_attention
 from engines.torch_fast.conv_tuning import graph_time_us
 from engines.torch_fast.parts import _heads
 
@@ -56,11 +55,8 @@ def main(argv=None) -> int:
 
         rows = [("cudnn", cudnn, None), ("triton", lambda i: lambda: triton_attention.attention(*sets[i]), None)]
         for config in gluon_attention.CONFIGS:
-            rows.append((f"gluon {config}", lambda i, c=config: lambda: gluon_attention.attention(*sets[i], config=c,
-                                                                                            exp2_poly=0), config))
-        for every in fast_exp2.CHOICES[1:]:  # one exponential in `every` on the FMA pipe, the default config
-            rows.append((f"gluon exp2 poly 1/{every}", lambda i, e=every: lambda: gluon_attention.attention(
-                *sets[i], exp2_poly=e), gluon_attention.DEFAULT_CONFIG))
+            rows.append((f"gluon {config}", lambda i, c=config: lambda: gluon_attention.attention(*sets[i], config=c),
+                         config))
         for label, make, config in rows:
             try:
                 out = make(0)()

@@ -36,7 +36,6 @@ except ImportError:  # CPU-only installs without Triton
 # instruction classes counted by `summary`: (label, regular expression over one SASS instruction's opcode)
 CLASSES = (
     ("wgmma", r"^HGMMA\."),
-    ("mma.sync (HMMA)", r"^HMMA\."),  # warp-level MMA: what a tile too small for wgmma gets
     ("wgmma waits", r"^WARPGROUP\.DEPBAR"),
     ("CTA barriers", r"^BAR\.(SYNC|ARV|RED)"),
     ("mbarrier waits", r"^SYNCS\.PHASECHK"),
@@ -87,24 +86,14 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stage
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def _cuobjdump(kernel, option: str) -> str:
-    """cuobjdump's output (Triton's wheel ships it) for a CompiledKernel's cubin."""
+def sass(kernel) -> str:
+    """The SASS of a CompiledKernel's cubin, by the cuobjdump in Triton's wheel."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        done = subprocess.run([tool, option, f.name], capture_output=True, text=True, check=True)
+        done = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
     return done.stdout
-
-
-def sass(kernel) -> str:
-    """The SASS of a CompiledKernel's cubin."""
-    return _cuobjdump(kernel, "-sass")
-
-
-def registers(kernel) -> int:
-    """Registers per thread of a CompiledKernel (ptxas' allocation; CompiledKernel.n_regs needs a GPU)."""
-    return int(re.search(r"REG:(\d+)", _cuobjdump(kernel, "-res-usage")).group(1))
 
 
 def opcodes(text: str) -> list[str]:
@@ -195,22 +184,6 @@ def _conv_tma_kernel():
     return compile_sm90(tc._conv_tma_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def _conv_narrow_kernel(config=(64, 16, 9, 4, 3)):
-    """The gather convolution at the UNet's conv_out (2x320x32x48 -> 4) with a CNRT_NARROW_CONV_CONFIG config
-    (block_m, block_n, split_k, num_warps, num_stages), as the split launch compiles it (partials, no bias)."""
-    from engines.torch_fast import triton_conv as tc
-
-    block_m, block_n, split, warps, stages = config
-    n, c, h, w, cout = 2, 320, 32, 48, 4
-    t = torch.empty(16, dtype=torch.float16)
-    args = dict(x_ptr=t, w_ptr=t, bias_ptr=t, out_ptr=torch.empty(16, dtype=torch.float32), x2_ptr=t, res_ptr=t,
-                ws_ptr=t, count_ptr=t, H=h, W=w, C=c, OW=w, OHW=h * w, COUT=cout, M=n * h * w,
-                K_STEPS_PER_SPLIT=9 * c // 64 // split, SPLIT=split, GROUPS=1, C2=0, BIAS_STRIDE=0)
-    constexprs = dict(STRIDE=1, PAD=1, KSIZE=3, HAS_BIAS=False, HAS_SHORTCUT=False, HAS_RESIDUAL=False, FIXUP=False,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, PDL=2)
-    return compile_sm90(tc._conv_nhwc_kernel, args, constexprs, warps, stages)
-
-
 def _gluon_geglu_kernel(coalesced: bool):
     from bench import gluon_geglu as gg
 
@@ -222,8 +195,6 @@ KERNELS = {
     "geglu": _geglu_kernel,
     "geglu-late-bias": lambda: _geglu_kernel(early_bias=False),
     "conv-tma": _conv_tma_kernel,
-    "conv-narrow": _conv_narrow_kernel,
-    "conv-narrow-32": lambda: _conv_narrow_kernel((32, 16, 9, 4, 3)),
     "gluon-geglu": lambda: _gluon_geglu_kernel(True),
     "gluon-geglu-direct-store": lambda: _gluon_geglu_kernel(False),
 }
@@ -245,7 +216,7 @@ def main(argv=None) -> int:
             with open(os.path.join(a.sass_dir, f"{name}.sass"), "w") as f:
                 f.write(text)
         counts = summary(text)
-        print(f"{name}: {registers(kernel)} registers, shared memory {kernel.metadata.shared} B; "
+        print(f"{name}: shared memory {kernel.metadata.shared} B; "
               + ", ".join(f"{label} {n}" for label, n in counts.items() if n))
     return 0
 

@@ -40,7 +40,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engines.torch_fast import fast_exp2, pdl
+from engines.torch_fast import pdl
 from profiles.config import env_flag
 
 try:
@@ -171,18 +171,12 @@ if gluon is not None:
             tma.async_copy_global_to_shared(v_desc, [kv_row0 + block * BLOCK_N, head, 0], bar, v_bufs.index(stage))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, qk_scale, EXP2_POLY: gl.constexpr):
+    def _softmax(s, m_i, l_i, qk_scale):
         """One block's online softmax in log2 units: the new row maxima, the factor that rescales what came
-        before (alpha), the running sums, and P (fp32). EXP2_POLY > 0: one exponential in EXP2_POLY on the FMA
-        pipe (`fast_exp2`)."""
+        before (alpha), the running sums, and P (fp32)."""
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
-        x = s * qk_scale - gl.expand_dims(m_new, 1)
-        if EXP2_POLY:
-            p = gl.inline_asm_elementwise(fast_exp2.asm(EXP2_POLY), fast_exp2.constraints(EXP2_POLY), [x],
-                                          dtype=gl.float32, is_pure=True, pack=EXP2_POLY)
-        else:
-            p = gl.exp2(x)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, 1)
         return m_new, l_i, alpha, p
 
@@ -218,7 +212,7 @@ if gluon is not None:
     def _loop_p_shared(q, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, n_blocks, qk_scale, s_zero, m_i, l_i, acc,
                        WHICH: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, o_layout: gl.constexpr,
-                       tile_layout: gl.constexpr, EXP2_POLY: gl.constexpr):
+                       tile_layout: gl.constexpr):
         """The key loop with P through shared memory: in block j its scores and block j - 1's P V (the output first
         rescaled to block j - 1's maxima) go to the tensor cores back to back, and the softmax of block j runs
         while that P V computes. (A P V that read P from registers made ptxas wait for it before the softmax: it
@@ -232,7 +226,7 @@ if gluon is not None:
         s_tok = warpgroup_mma(q, k0.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(WHICH, CONSUMERS, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-        m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale, EXP2_POLY)
+        m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale)
         _store_p(p_bufs.index(2 * WHICH), p)
         for j in range(1, n_blocks):
             stage = j % STAGES
@@ -247,7 +241,7 @@ if gluon is not None:
             if WHICH != CONSUMERS - 1 or j < n_blocks - 1:  # the last pass would open a turn consumer 0 never takes
                 _pass_turn(WHICH, CONSUMERS, PINGPONG)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-            m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale, EXP2_POLY)
+            m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale)
             p_bufs.index(2 * WHICH + j % 2).store(p.to(gl.float16))
             fence_async_shared()
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
@@ -263,7 +257,7 @@ if gluon is not None:
     def _loop_p_registers(q, k_bufs, v_bufs, q_bar, ready, empty, n_blocks, qk_scale, s_zero, m_i, l_i, acc,
                           WHICH: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, o_layout: gl.constexpr,
-                          tile_layout: gl.constexpr, EXP2_POLY: gl.constexpr):
+                          tile_layout: gl.constexpr):
         """The key loop with P in registers and no overlap inside a warpgroup: each product is waited for right
         away, and the consumers take turns (PINGPONG) so one's softmax runs while the others' products do."""
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -278,7 +272,7 @@ if gluon is not None:
             s_tok = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             _pass_turn(WHICH, CONSUMERS, PINGPONG)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-            m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale, EXP2_POLY)
+            m_i, l_i, alpha, p = _softmax(s, m_i, l_i, qk_scale)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             p16 = gl.convert_layout(p.to(gl.float16), p_layout)
             v = v_bufs.index(stage)._reinterpret(gl.float16, [BLOCK_N, BLOCK_D], tile_layout)
@@ -294,7 +288,7 @@ if gluon is not None:
     def _consumer(q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
                   qk_scale, WHICH: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
                   BLOCK_D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
-                  P_REGS: gl.constexpr, PDL: gl.constexpr, EXP2_POLY: gl.constexpr):
+                  P_REGS: gl.constexpr, PDL: gl.constexpr):
         """One warpgroup: 64 query rows (the CTA's WHICH-th) over all key blocks (`_loop_p_registers` or
         `_loop_p_shared`), then the normalised rows' store."""
         rows: gl.constexpr = q_bufs.type.shape[1]
@@ -312,11 +306,11 @@ if gluon is not None:
         if P_REGS:
             acc, l_i = _loop_p_registers(q, k_bufs, v_bufs, q_bar, ready, empty, n_blocks, qk_scale, s_zero, m_i, l_i,
                                          acc, WHICH, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, o_layout,
-                                         tile_layout, EXP2_POLY)
+                                         tile_layout)
         else:
             acc, l_i = _loop_p_shared(q, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, n_blocks, qk_scale, s_zero, m_i,
                                       l_i, acc, WHICH, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, o_layout,
-                                      tile_layout, EXP2_POLY)
+                                      tile_layout)
         if PDL == 2:  # as `pdl.pdl_end`: the next kernel may be scheduled once the main loop is done
             _gdc_launch_dependents()
 
@@ -335,7 +329,7 @@ if gluon is not None:
                           HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           PINGPONG: gl.constexpr, P_REGS: gl.constexpr, PDL: gl.constexpr,
-                          num_warps: gl.constexpr, EXP2_POLY: gl.constexpr = 0):
+                          num_warps: gl.constexpr):
         """One CTA: CONSUMERS x 64 query rows of one (image, head), a producer warp and CONSUMERS warpgroups."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0] * CONSUMERS
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[2]
@@ -367,14 +361,11 @@ if gluon is not None:
         gl.static_assert(CONSUMERS == 3)
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
-                         qk_scale, 0, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL,
-                         EXP2_POLY)),
+                         qk_scale, 0, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
             (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
-                         qk_scale, 1, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL,
-                         EXP2_POLY)),
+                         qk_scale, 1, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
             (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs, q_bar, ready, empty, o_ptr, HEADS, row0, head, TQ, n_blocks,
-                         qk_scale, 2, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL,
-                         EXP2_POLY)),
+                         qk_scale, 2, HEAD_D, BLOCK_N, BLOCK_D, STAGES, CONSUMERS, PINGPONG, P_REGS, PDL)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, ready, empty, row0, kv_row0, head,
                          n_blocks, BLOCK_N, STAGES, CONSUMERS, PDL)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -386,13 +377,10 @@ def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, 1, BLOCK_D], layout)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None,
-              exp2_poly: "int | None" = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, TQ, d), k and v (B, H, TK, d) that `supports` takes; the output
-    is (B, H, TQ, d) laid out as (B, TQ, H, d), as `triton_attention.attention`'s. exp2_poly: one exponential
-    in that many on the FMA pipe (`fast_exp2`; default CNRT_ATTENTION_EXP2_POLY, 0: none)."""
+    is (B, H, TQ, d) laid out as (B, TQ, H, d), as `triton_attention.attention`'s."""
     config = config or DEFAULT_CONFIG
-    exp2_poly = fast_exp2.POLY_EVERY if exp2_poly is None else exp2_poly
     block_n, stages, pingpong, p_regs = config
     if not supports(q, k, config) or _rows_view(v) is None or k.shape != v.shape:
         raise ValueError(f"gluon attention does not take q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} "
@@ -405,7 +393,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config=None,
         _descriptor(q, ROWS), _descriptor(k, block_n), _descriptor(v, block_n), out, h, tq, k.shape[2],
         1.0 / math.sqrt(d) / math.log(2), HEAD_D=d, BLOCK_N=block_n, STAGES=stages, CONSUMERS=CONSUMERS,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=bool(pingpong), P_REGS=bool(p_regs),
-        EXP2_POLY=exp2_poly, num_warps=4, maxnreg=at_launch, **pdl.launch_args(q.device))
+        num_warps=4, maxnreg=at_launch, **pdl.launch_args(q.device))
     return out.transpose(1, 2)
 
 

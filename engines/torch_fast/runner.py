@@ -292,15 +292,10 @@ def _prepare_step_layers(bundle: ModelBundle, profile: Profile, device: torch.de
                           else ConvShape.of(c, s, groups))
         table = _tuning_table(shapes, compiler)
         _log(table.summary())
-        if triton_conv.NARROW_CONFIG is not None:
-            _log(f"convolutions to <= {triton_conv.NARROW_COUT} channels tuned to Triton run "
-                 f"{triton_conv.NARROW_CONFIG} (CNRT_NARROW_CONV_CONFIG)")
 
     def triton_config(shape: ConvShape):
         choice = None if table is None else table.choices.get(shape.key)
-        if choice is None or choice.backend != "triton":
-            return None
-        return triton_conv.narrow_override(choice.config, shape.cout)  # the tuned config unless the A/B replaces it
+        return choice.config if choice is not None and choice.backend == "triton" else None
 
     def graph_plan(shape: ConvShape):
         choice = None if table is None else table.choices.get(shape.key)

@@ -24,7 +24,6 @@ Requirements: x channels_last (NHWC memory), Cin a multiple of BLOCK_K, weight a
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -267,39 +266,6 @@ def _launch_tma(grid, x, weight, bias, out, shortcut, residual, ws, counts, n_im
         HAS_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, FIXUP=ws is not None, BOX_I=bi,
         BOX_H=bh, BOX_W=bw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl.launch_args(x.device))
-
-
-# At most this many output channels (in the step only the UNet's conv_out, 320 -> 4), the tuned config can be
-# replaced by CNRT_NARROW_CONV_CONFIG="block_m,block_n,split_k,num_warps,num_stages" (A/B measurements; block_k stays
-# 64; unset: the table's config). Why: every tile the tuner tries (`_TILES`) is >= 64 columns wide, so conv_out uses 4
-# of its 64 and gets a small grid (10.7 us on an H100 for 2 MB in); narrower tiles in `_TILES` would change the
-# table and force a full re-tune.
-NARROW_COUT = 16
-
-
-def _narrow_config() -> "ConvConfig | None":
-    """CNRT_NARROW_CONV_CONFIG as a gather-kernel ConvConfig, or None when unset."""
-    value = os.environ.get("CNRT_NARROW_CONV_CONFIG", "").strip()
-    if not value:
-        return None
-    try:
-        block_m, block_n, split_k, warps, stages = (int(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError("CNRT_NARROW_CONV_CONFIG must be 'block_m,block_n,split_k,num_warps,num_stages', "
-                         f"got {value!r}") from None
-    powers_of_two = all(b >= 16 and b & (b - 1) == 0 for b in (block_m, block_n))  # tl.dot's blocks: >= 16
-    if not powers_of_two or min(split_k, warps, stages) < 1:
-        raise ValueError(f"CNRT_NARROW_CONV_CONFIG {value!r}: block_m and block_n powers of two >= 16, the rest >= 1")
-    return ConvConfig(block_m, block_n, 64, split_k, warps, stages)
-
-
-NARROW_CONFIG = _narrow_config()
-
-
-def narrow_override(config: ConvConfig, cout: int) -> ConvConfig:
-    """The config a convolution to `cout` channels runs instead of its tuned `config`: CNRT_NARROW_CONV_CONFIG's
-    where it is set and cout <= NARROW_COUT, else `config` itself."""
-    return NARROW_CONFIG if NARROW_CONFIG is not None and cout <= NARROW_COUT else config
 
 
 # Split-K reduced inside the kernel (`_epilogue`'s FIXUP): opt-in, off (slower in the loop, bench/NOTES.md).
